@@ -1,0 +1,28 @@
+"""mini-omni2: Mini-Omni2 and Mini-Omni as transformers-native models."""
+
+from .configuration_mini_omni2 import MiniOmni2Config
+from .modeling_mini_omni2 import (
+    MiniOmni2Codec,
+    MiniOmni2ForConditionalGeneration,
+    MiniOmni2Model,
+    MiniOmni2PreTrainedModel,
+)
+from .processing_mini_omni2 import MiniOmni2Processor
+from .token_layout import TASKS, PromptLayout, TokenLayout
+from .registration import register
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MiniOmni2Config",
+    "MiniOmni2Model",
+    "MiniOmni2PreTrainedModel",
+    "MiniOmni2ForConditionalGeneration",
+    "MiniOmni2Codec",
+    "MiniOmni2Processor",
+    "TokenLayout",
+    "PromptLayout",
+    "TASKS",
+]

@@ -1,0 +1,181 @@
+"""Configuration of Mini-Omni2 (and Mini-Omni: the same model with ``vision_config=None``)."""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+from .token_layout import TokenLayout
+
+logger = logging.get_logger(__name__)
+
+#: Qwen2-0.5B as used by the release (SPEC §1); ``vocab_size`` is filled in from the token layout.
+QWEN2_0_5B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    head_dim=64,
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+    use_sliding_window=False,
+)
+
+#: Whisper-small; only the encoder is built.
+WHISPER_SMALL = dict(
+    d_model=768,
+    encoder_layers=12,
+    encoder_attention_heads=12,
+    encoder_ffn_dim=3072,
+    decoder_layers=12,
+    decoder_attention_heads=12,
+    decoder_ffn_dim=3072,
+    num_mel_bins=80,
+    max_source_positions=1500,
+    vocab_size=51865,
+    activation_function="gelu",
+    scale_embedding=False,
+)
+
+#: OpenAI CLIP ViT-B/32 visual tower with its 512-wide projection.
+CLIP_VIT_B_32 = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=512,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_channels=3,
+    image_size=224,
+    patch_size=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+
+#: SNAC 24 kHz constructor arguments (``hubertsiuzdak/snac_24khz``).
+SNAC_24KHZ = dict(
+    sampling_rate=24000,
+    encoder_dim=48,
+    encoder_rates=[2, 4, 8, 8],
+    latent_dim=None,
+    decoder_dim=1024,
+    decoder_rates=[8, 8, 4, 2],
+    attn_window_size=None,
+    codebook_size=4096,
+    codebook_dim=8,
+    vq_strides=[4, 2, 1],
+    noise=True,
+    depthwise=True,
+)
+
+
+class MiniOmni2Config(PreTrainedConfig):
+    r"""
+    Composite configuration of [`MiniOmni2ForConditionalGeneration`].
+
+    Args:
+        text_config (`Qwen2Config` or `dict`): the language model; its `vocab_size` is derived from the token layout.
+        audio_config (`WhisperConfig` or `dict`): the speech encoder (only the encoder is built).
+        vision_config (`CLIPVisionConfig`, `dict` or `None`): the image encoder; `None` gives a Mini-Omni model.
+        codec_config (`dict` or `None`): keyword arguments of `snac.SNAC`; `None` builds no codec (no waveforms).
+        text_vocab_size (`int`): tokenizer ids plus the text specials (152,000).
+        num_text_special_tokens (`int`): text specials after the tokenizer ids (64).
+        audio_codebook_size (`int`): codec codes per layer (4,096).
+        audio_vocab_size (`int`): ids per audio layer, codes plus specials (4,160).
+        num_audio_layers (`int`): parallel audio streams (7).
+        num_image_tokens (`int`): CLIP tokens per image (50).
+        adapter_intermediate_size (`int`): width of the LLaMA-MLP adapters (4,864).
+
+    Example:
+
+    ```python
+    >>> from mini_omni2 import MiniOmni2Config
+    >>> config = MiniOmni2Config()  # the released Mini-Omni2 sizes
+    >>> config.total_vocab_size
+    181120
+    ```
+    """
+
+    model_type = "mini_omni2"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=QWEN2_0_5B),
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", init_kwargs=WHISPER_SMALL),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_B_32, optional=True
+        ),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = field(default_factory=lambda: dict(CLIP_VIT_B_32))
+    codec_config: dict | None = field(default_factory=lambda: dict(SNAC_24KHZ))
+    text_vocab_size: int = 152000
+    num_text_special_tokens: int = 64
+    audio_codebook_size: int = 4096
+    audio_vocab_size: int = 4160
+    num_audio_layers: int = 7
+    num_image_tokens: int = 50
+    adapter_intermediate_size: int = 4864
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        layout = self.token_layout  # validates the sizes
+        derived = layout.total_vocab_size
+        given = getattr(self.text_config, "vocab_size", None)
+        if given not in (None, derived):
+            logger.info(f"text_config.vocab_size {given} replaced by the token layout's {derived}")
+        self.text_config.vocab_size = derived
+        if self.codec_config is not None and self.codec_config.get("codebook_size", 4096) != self.audio_codebook_size:
+            raise ValueError(
+                f"codec_config.codebook_size ({self.codec_config.get('codebook_size')}) must equal "
+                f"audio_codebook_size ({self.audio_codebook_size})"
+            )
+        if self.codec_config is not None and len(self.codec_config.get("vq_strides", [4, 2, 1])) != 3:
+            raise ValueError("the codec must have the 3 SNAC levels that the 7 audio layers map onto")
+
+    @property
+    def token_layout(self) -> TokenLayout:
+        """The ids, templates and delay rules of this model's vocabulary."""
+        return TokenLayout(
+            text_vocab_size=self.text_vocab_size,
+            num_text_special_tokens=self.num_text_special_tokens,
+            audio_codebook_size=self.audio_codebook_size,
+            audio_vocab_size=self.audio_vocab_size,
+            num_audio_layers=self.num_audio_layers,
+            num_image_tokens=self.num_image_tokens,
+        )
+
+    @property
+    def total_vocab_size(self) -> int:
+        """Rows of the embedding table and LM head: text vocab + audio vocab x layers (181,120)."""
+        return self.token_layout.total_vocab_size
+
+    @property
+    def audio_feature_dim(self) -> int:
+        """Width of the Whisper encoder frames that enter the audio adapter (768)."""
+        return self.audio_config.d_model
+
+    @property
+    def vision_feature_dim(self) -> int | None:
+        """Width of the projected CLIP tokens that enter the vision adapter (512); None without vision."""
+        return None if self.vision_config is None else self.vision_config.projection_dim
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision_config is not None
+
+    @property
+    def max_audio_frames(self) -> int:
+        """Encoder frames available per request (1,500 = 30 s)."""
+        return self.audio_config.max_source_positions
+
+
+__all__ = ["MiniOmni2Config"]

@@ -1,0 +1,434 @@
+"""Mini-Omni2 / Mini-Omni as a transformers model: Qwen2 backbone, Whisper and CLIP encoders, SNAC codec.
+
+The backbone and encoders are transformers' own modules; this file adds only what the model has of its own:
+the 8-stream embedding (SPEC §3), the LLaMA-MLP adapters, the sliced head and loss (SPEC §2, §9) and the codec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.clip.modeling_clip import CLIPVisionModelWithProjection
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .configuration_mini_omni2 import MiniOmni2Config
+from .generation_mini_omni2 import MiniOmni2GenerationMixin
+from .token_layout import TokenLayout
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MiniOmni2ModelOutputWithPast(ModelOutput):
+    """Backbone output: the last hidden state and the cache."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MiniOmni2CausalLMOutputWithPast(ModelOutput):
+    """Head output.
+
+    Args:
+        loss: sum of the 8 streams' mean cross-entropies (SPEC §9), when `labels` are given.
+        stream_losses: the 8 per-stream losses, audio layers 1..7 then text, shape (8,).
+        logits: the full head output (batch, seq, total_vocab).
+        text_logits: view of the text columns (batch, seq, text_vocab).
+        audio_logits: view of the audio columns, one slice per layer (batch, 7, seq, audio_vocab).
+    """
+
+    loss: torch.FloatTensor | None = None
+    stream_losses: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    text_logits: torch.FloatTensor | None = None
+    audio_logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class MiniOmni2Adapter(nn.Module):
+    """LLaMA-MLP shaped adapter without bias: ``proj(silu(fc_1(x)) * fc_2(x))`` (SPEC §1)."""
+
+    def __init__(self, in_dim: int, intermediate_size: int, out_dim: int):
+        super().__init__()
+        self.fc_1 = nn.Linear(in_dim, intermediate_size, bias=False)
+        self.fc_2 = nn.Linear(in_dim, intermediate_size, bias=False)
+        self.proj = nn.Linear(intermediate_size, out_dim, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.fc_1(features)) * self.fc_2(features))
+
+
+class MiniOmni2Codec(nn.Module):
+    """The SNAC 24 kHz codec, frozen, so that a checkpoint holds everything needed to speak.
+
+    It maps between audio frames (T, 7) of the token layout and waveforms. SNAC's decoder adds learned noise;
+    ``noise=False`` turns the noise blocks off (their input passes through), which makes decoding deterministic.
+    """
+
+    _is_mini_omni2_codec = True
+
+    def __init__(self, codec_config: dict, layout: TokenLayout):
+        super().__init__()
+        from snac import SNAC
+
+        self.layout = layout
+        self.snac = SNAC(**codec_config)
+        self.snac.requires_grad_(False)
+        for module in self.snac.modules():
+            module._is_mini_omni2_codec = True
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.snac.sampling_rate)
+
+    @property
+    def samples_per_frame(self) -> int:
+        """Waveform samples of one audio frame: hop length x the coarsest stride (2,048 at 24 kHz)."""
+        return int(self.snac.hop_length) * int(self.snac.vq_strides[0])
+
+    def _set_noise(self, enabled: bool) -> list:
+        from snac.layers import NoiseBlock
+
+        if enabled:
+            return []
+        return [m.register_forward_hook(lambda mod, args, out: args[0]) for m in self.snac.modules() if isinstance(m, NoiseBlock)]
+
+    @torch.no_grad()
+    def decode(self, frames: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        """Frames (batch, T, 7) of codec codes -> waveforms (batch, T * samples_per_frame)."""
+        if frames.ndim == 2:
+            frames = frames.unsqueeze(0)
+        if frames.shape[1] == 0:
+            return torch.zeros(frames.shape[0], 0, device=frames.device)
+        if not bool(self.layout.is_code(frames).all()):
+            raise ValueError("codec frames must hold codes only; use TokenLayout.sanitize_frames first")
+        device = next(self.snac.parameters()).device
+        codes = [level.to(device) for level in self.layout.frames_to_snac(frames.long())]
+        hooks = self._set_noise(noise)
+        try:
+            audio = self.snac.decode(codes)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return audio[:, 0].float()
+
+    @torch.no_grad()
+    def encode(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Waveforms (batch, samples) at the codec's rate -> frames (batch, T, 7) of codes."""
+        if waveform.ndim == 1:
+            waveform = waveform.unsqueeze(0)
+        param = next(self.snac.parameters())
+        codes = self.snac.encode(waveform[:, None].to(param.device, param.dtype))
+        return self.layout.snac_to_frames(codes)
+
+
+class MiniOmni2PreTrainedModel(PreTrainedModel):
+    config: MiniOmni2Config
+    config_class = MiniOmni2Config
+    base_model_prefix = "model"
+    input_modalities = ("image", "audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2DecoderLayer", "WhisperEncoderLayer", "CLIPEncoderLayer", "MiniOmni2Codec"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules = ["codec"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The codec keeps SNAC's own initialisation (weight-normed convolutions, snake alphas).
+        if getattr(module, "_is_mini_omni2_codec", False):
+            return
+        super()._init_weights(module)
+
+
+class MiniOmni2Model(MiniOmni2PreTrainedModel):
+    """Encoders, adapters and the Qwen2 backbone; embeds the 8 streams and places the features."""
+
+    def __init__(self, config: MiniOmni2Config):
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.audio_tower = WhisperEncoder._from_config(config.audio_config)
+        self.audio_projector = MiniOmni2Adapter(config.audio_feature_dim, config.adapter_intermediate_size, hidden)
+        if config.has_vision:
+            self.vision_tower = CLIPVisionModelWithProjection._from_config(config.vision_config)
+            self.vision_projector = MiniOmni2Adapter(
+                config.vision_feature_dim, config.adapter_intermediate_size, hidden
+            )
+        else:
+            self.vision_tower = None
+            self.vision_projector = None
+        self.post_init()
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.config.token_layout
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Log-mel (n, 80, 3000) -> adapted Whisper frames (n, 1500, hidden)."""
+        encoder_dtype = self.audio_tower.conv1.weight.dtype
+        frames = self.audio_tower(input_features.to(encoder_dtype), return_dict=True).last_hidden_state
+        return self.audio_projector(frames.to(self.audio_projector.fc_1.weight.dtype))
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels (n, 3, 224, 224) -> adapted CLIP tokens (n, 50, hidden).
+
+        All 50 tokens go through the post layer norm and the 512-wide projection (SPEC §5); transformers'
+        CLIPVisionModel normalises only the pooled token, so both are applied here.
+        """
+        if self.vision_tower is None:
+            raise ValueError("This model has no vision encoder (a Mini-Omni model); it cannot take images.")
+        clip = self.vision_tower.vision_model
+        dtype = self.vision_tower.visual_projection.weight.dtype
+        tokens = clip(pixel_values=pixel_values.to(dtype), return_dict=True).last_hidden_state
+        tokens = self.vision_tower.visual_projection(clip.post_layernorm(tokens))
+        return self.vision_projector(tokens.to(self.vision_projector.fc_1.weight.dtype))
+
+    @staticmethod
+    def _place_features(
+        audio_embeds: torch.Tensor, features: torch.Tensor, mask: torch.Tensor, kind: str, exact: int | None
+    ) -> torch.Tensor:
+        """Replace the audio-stream embeddings (batch, 7, seq, hidden) at ``mask`` by the features.
+
+        Feature row k goes to the k-th batch row that has any masked position; its first ``mask.sum()`` frames
+        are used, in order.
+        """
+        counts = mask.sum(dim=1)
+        rows_with = counts > 0
+        if int(rows_with.sum()) != features.shape[0]:
+            raise ValueError(
+                f"{features.shape[0]} {kind} inputs given but {int(rows_with.sum())} rows have {kind} positions"
+            )
+        used = counts[rows_with]
+        if exact is not None and bool((used != exact).any()):
+            raise ValueError(f"every row with {kind} positions must have exactly {exact} of them, got {used.tolist()}")
+        if bool((used > features.shape[1]).any()):
+            raise ValueError(f"{kind} positions ({int(used.max())}) exceed the {features.shape[1]} encoder frames")
+        frame_mask = torch.arange(features.shape[1], device=features.device)[None, :] < used[:, None]
+        selected = features[frame_mask].to(audio_embeds.dtype)
+        placed = audio_embeds.new_zeros(audio_embeds.shape[0], audio_embeds.shape[2], audio_embeds.shape[3])
+        placed = placed.masked_scatter(mask[..., None], selected)
+        return torch.where(mask[:, None, :, None], placed[:, None], audio_embeds)
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor,
+        input_features: torch.Tensor | None = None,
+        audio_feature_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_feature_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings (batch, seq, hidden): the mean of the 8 stream embeddings, features placed (SPEC §3)."""
+        layout = self.layout
+        if input_ids.ndim != 3 or input_ids.shape[1] != layout.num_streams:
+            raise ValueError(f"input_ids must have shape (batch, {layout.num_streams}, seq), got {tuple(input_ids.shape)}")
+        embeds = self.get_input_embeddings()(input_ids)  # (batch, 8, seq, hidden)
+        audio_embeds = embeds[:, : layout.num_audio_layers]
+        if (input_features is None) != (audio_feature_mask is None or not bool(audio_feature_mask.any())):
+            raise ValueError("input_features and a non-empty audio_feature_mask must be given together")
+        if input_features is not None:
+            features = self.get_audio_features(input_features)
+            audio_embeds = self._place_features(audio_embeds, features, audio_feature_mask.bool(), "audio", None)
+        if (pixel_values is None) != (image_feature_mask is None or not bool(image_feature_mask.any())):
+            raise ValueError("pixel_values and a non-empty image_feature_mask must be given together")
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values)
+            audio_embeds = self._place_features(
+                audio_embeds, features, image_feature_mask.bool(), "image", layout.num_image_tokens
+            )
+        text_embeds = embeds[:, layout.text_stream :]
+        return torch.cat([audio_embeds, text_embeds], dim=1).mean(dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        audio_feature_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_feature_mask: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MiniOmni2ModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of input_ids (batch, 8, seq) or inputs_embeds")
+        if audio_lengths is not None and audio_feature_mask is not None:
+            if not torch.equal(audio_lengths.to(audio_feature_mask.device).long(), audio_feature_mask.sum(1)[audio_feature_mask.any(1)]):
+                raise ValueError("audio_lengths disagree with the number of audio positions per row")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, input_features, audio_feature_mask, pixel_values, image_feature_mask)
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_attention_mask(attention_mask, inputs_embeds.shape[1])
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        return MiniOmni2ModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def positions_from_attention_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.LongTensor:
+    """Positions that count only real tokens, so a left-padded row sees the same positions as alone."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.clamp(min=0)
+    return positions[:, -seq_len:]
+
+
+def stream_cross_entropies(logits: torch.Tensor, labels: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Per-stream mean cross-entropy (8,), each stream over its own slice of the head (SPEC §2, §9).
+
+    ``labels`` (batch, 8, seq) hold the same global ids as ``input_ids`` (-100 ignored) and are shifted here:
+    the logits at position t predict the labels at t+1. A stream with no label contributes 0.
+    """
+    if labels.ndim != 3 or labels.shape[1] != layout.num_streams:
+        raise ValueError(f"labels must have shape (batch, {layout.num_streams}, seq), got {tuple(labels.shape)}")
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, :, 1:].to(logits.device)
+    losses = []
+    offsets = layout.stream_offsets().tolist()
+    for stream, (offset, size) in enumerate(zip(offsets, layout.stream_vocab_sizes())):
+        target = shift_labels[:, stream]
+        ignored = target == IGNORE_INDEX
+        local = torch.where(ignored, target, target - offset)
+        if bool(((local < 0) | (local >= size))[~ignored].any()):
+            raise ValueError(f"labels of stream {stream} fall outside its vocabulary slice [{offset}, {offset + size})")
+        stream_logits = shift_logits[..., offset : offset + size].float()
+        total = F.cross_entropy(stream_logits.flatten(0, 1), local.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        losses.append(total / (~ignored).sum().clamp(min=1))
+    return torch.stack(losses)
+
+
+class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTrainedModel, GenerationMixin):
+    """Mini-Omni2 with its LM head over the whole 181,120-id vocabulary and the SNAC codec."""
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: MiniOmni2Config):
+        super().__init__(config)
+        self.model = MiniOmni2Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.total_vocab_size, bias=False)
+        self.codec = MiniOmni2Codec(config.codec_config, config.token_layout) if config.codec_config else None
+        self.post_init()
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.config.token_layout
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        return self.model.get_audio_features(input_features)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        audio_feature_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_feature_mask: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MiniOmni2CausalLMOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch, 8, seq)`): audio layers 1..7 then text, global ids.
+        input_features (`torch.FloatTensor` of shape `(n_audio, 80, 3000)`): log-mel of each audio, in row order.
+        audio_feature_mask (`torch.BoolTensor` of shape `(batch, seq)`): positions that take audio frames.
+        pixel_values (`torch.FloatTensor` of shape `(n_images, 3, 224, 224)`): each image, in row order.
+        image_feature_mask (`torch.BoolTensor` of shape `(batch, seq)`): positions that take the 50 CLIP tokens.
+        labels (`torch.LongTensor` of shape `(batch, 8, seq)`): targets in input-id space, -100 ignored.
+        """
+        kwargs.pop("num_items_in_batch", None)  # each stream's loss is a mean over its own targets (SPEC §9)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            input_features=input_features,
+            audio_feature_mask=audio_feature_mask,
+            pixel_values=pixel_values,
+            image_feature_mask=image_feature_mask,
+            audio_lengths=audio_lengths,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        text_logits, audio_logits = self.layout.split_logits(logits)
+        loss = stream_losses = None
+        if labels is not None:
+            stream_losses = stream_cross_entropies(logits, labels, self.layout)
+            loss = stream_losses.sum()
+        return MiniOmni2CausalLMOutputWithPast(
+            loss=loss,
+            stream_losses=stream_losses,
+            logits=logits,
+            text_logits=text_logits,
+            audio_logits=audio_logits.transpose(1, 2),
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "MiniOmni2PreTrainedModel",
+    "MiniOmni2Model",
+    "MiniOmni2ForConditionalGeneration",
+    "MiniOmni2Codec",
+    "MiniOmni2Adapter",
+]
