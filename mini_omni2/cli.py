@@ -1,0 +1,33 @@
+"""The ``mini-omni2`` command: ``chat`` (answer in text and speech) and ``convert`` (original release -> Hub folder)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mini-omni2", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from .chat import add_chat_arguments
+    from .convert import add_convert_arguments
+
+    add_chat_arguments(commands.add_parser("chat", help="answer a spoken, written or visual prompt"))
+    add_convert_arguments(commands.add_parser("convert", help="convert an original checkpoint into a Hub folder"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "chat":
+        from .chat import run_chat
+
+        return run_chat(args) or 0
+    from .convert import run_convert
+
+    return run_convert(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
