@@ -23,6 +23,13 @@ from .token_layout import TokenLayout
 
 IGNORE_INDEX = -100
 
+#: ``auto_map`` entries written into every saved folder, so that it loads with ``trust_remote_code=True`` alone.
+AUTO_MAP = {
+    "AutoConfig": "configuration_mini_omni2.MiniOmni2Config",
+    "AutoModel": "modeling_mini_omni2.MiniOmni2Model",
+    "AutoModelForMultimodalLM": "modeling_mini_omni2.MiniOmni2ForConditionalGeneration",
+}
+
 
 @dataclass
 class MiniOmni2ModelOutputWithPast(ModelOutput):
@@ -146,6 +153,12 @@ class MiniOmni2PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does, with the full ``auto_map`` (config, base model and head) in config.json."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The codec keeps SNAC's own initialisation (weight-normed convolutions, snake alphas).

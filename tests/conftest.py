@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models, the tiny processor, and synthetic audio and images (all offline)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from mini_omni2.tiny import tiny_model, tiny_processor, tiny_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return tiny_processor()
+
+
+@pytest.fixture(scope="session")
+def processor_no_vision():
+    return tiny_processor(vision=False)
+
+
+@pytest.fixture(scope="session")
+def model():
+    return tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_no_vision():
+    return tiny_model(vision=False, seed=1)
+
+
+def sine(seconds: float, sampling_rate: int = 16000, freq: float = 220.0, channels: int = 1) -> np.ndarray:
+    """A sine tone; (samples,) mono or (samples, channels)."""
+    t = np.arange(int(seconds * sampling_rate)) / sampling_rate
+    wave = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return wave if channels == 1 else np.stack([wave] * channels, axis=1)
+
+
+def espeak_wav(text: str, path) -> str:
+    """Speech synthesised with espeak-ng into a wav file (installed by .ci/run)."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.fail("espeak-ng is not installed; .ci/run installs it (apt-get install espeak-ng)")
+    subprocess.run([exe, "-w", str(path), text], check=True, capture_output=True)
+    return str(path)
+
+
+def color_image(color=(255, 0, 0), size=(320, 240)):
+    from PIL import Image
+
+    return Image.new("RGB", size, color)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
