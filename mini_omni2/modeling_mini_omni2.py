@@ -148,7 +148,7 @@ class MiniOmni2PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer", "WhisperEncoderLayer", "CLIPEncoderLayer", "MiniOmni2Codec"]
     _skip_keys_device_placement = ["past_key_values"]
-    _keep_in_fp32_modules = ["codec"]
+    _keep_in_fp32_modules_strict = ["codec"]  # SNAC decodes in float32 whatever the backbone dtype
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True

@@ -184,6 +184,7 @@ def test_dtype_and_device_map_loading(model, tmp_path):
     half = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert half.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
     assert half.lm_head.weight.dtype == torch.bfloat16
+    assert next(half.codec.parameters()).dtype == torch.float32
     legacy = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path, torch_dtype=torch.float16)
     assert legacy.lm_head.weight.dtype == torch.float16
     assert next(legacy.codec.parameters()).dtype == torch.float32  # the codec is kept in float32
