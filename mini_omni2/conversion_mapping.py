@@ -113,6 +113,7 @@ class SourceTensors:
         self.problems = problems
         self.used: set[str] = set()
         self.dropped: set[str] = set()
+        self.last: str | None = None  # the tensor taken last, named in messages about what it became
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -123,6 +124,7 @@ class SourceTensors:
             self.problems.append(f"{self.label}: missing tensor {name!r}")
             return None
         self.used.add(name)
+        self.last = f"{self.label} {name!r}"
         tensor = self.tensors[name]
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             self.problems.append(
@@ -138,6 +140,19 @@ class SourceTensors:
 
     def unused(self) -> list[str]:
         return sorted(n for n in self.tensors if n not in self.used and n not in self.dropped)
+
+
+class Targets(dict):
+    """Target tensors of one source; remembers which source tensor each came from (the one taken last)."""
+
+    def __init__(self, src: SourceTensors):
+        super().__init__()
+        self.src = src
+        self.origin: dict[str, str | None] = {}
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self.origin[name] = self.src.last
+        super().__setitem__(name, tensor)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,12 +349,8 @@ def build_config(
         use_sliding_window=False,
         attention_dropout=float(lit["attn_dropout"]),
     )
-    vision = None
-    if clip is not None:
-        vision = dict(clip)
-    num_image_tokens = 50
-    if vision is not None:
-        num_image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    vision = dict(clip) if clip is not None else None
+    num_image_tokens = 50 if vision is None else (vision["image_size"] // vision["patch_size"]) ** 2 + 1
     try:
         return MiniOmni2Config(
             text_config=text,
@@ -377,16 +388,16 @@ def split_fused_qkv(
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
-def _linear(out: dict, src: SourceTensors, target: str, source: str, bias: bool) -> None:
+def _linear(out: Targets, src: SourceTensors, target: str, source: str, bias: bool) -> None:
     if (t := src.take(f"{source}.weight")) is not None:
         out[f"{target}.weight"] = t
     if bias and (t := src.take(f"{source}.bias")) is not None:
         out[f"{target}.bias"] = t
 
 
-def map_litgpt(src: SourceTensors, lit: Mapping[str, Any], has_vision: bool) -> dict[str, torch.Tensor]:
+def map_litgpt(src: SourceTensors, lit: Mapping[str, Any], has_vision: bool) -> Targets:
     """``lit_model.pth`` -> backbone (``model.language_model``), ``lm_head`` and adapters."""
-    out: dict[str, torch.Tensor] = {}
+    out = Targets(src)
     lm = "model.language_model"
     n_embd, hs = lit["n_embd"], lit["head_size"]
     n_head, groups = lit["n_head"], lit["n_query_groups"]
@@ -425,9 +436,9 @@ def map_litgpt(src: SourceTensors, lit: Mapping[str, Any], has_vision: bool) -> 
     return out
 
 
-def map_whisper(src: SourceTensors, num_layers: int) -> dict[str, torch.Tensor]:
+def map_whisper(src: SourceTensors, num_layers: int) -> Targets:
     """openai-whisper ``encoder.*`` -> transformers ``WhisperEncoder`` (``model.audio_tower``)."""
-    out: dict[str, torch.Tensor] = {}
+    out = Targets(src)
     at = "model.audio_tower"
     for conv in ("conv1", "conv2"):
         _linear(out, src, f"{at}.{conv}", f"encoder.{conv}", bias=True)
@@ -447,9 +458,9 @@ def map_whisper(src: SourceTensors, num_layers: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def map_clip(src: SourceTensors, num_layers: int) -> dict[str, torch.Tensor]:
+def map_clip(src: SourceTensors, num_layers: int) -> Targets:
     """OpenAI CLIP ``visual.*`` -> transformers ``CLIPVisionModelWithProjection`` (``model.vision_tower``)."""
-    out: dict[str, torch.Tensor] = {}
+    out = Targets(src)
     vm = "model.vision_tower.vision_model"
     if (t := src.take("visual.conv1.weight")) is not None:
         out[f"{vm}.embeddings.patch_embedding.weight"] = t
@@ -478,14 +489,18 @@ def map_clip(src: SourceTensors, num_layers: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def map_snac(src: SourceTensors) -> dict[str, torch.Tensor]:
+def map_snac(src: SourceTensors, expected: Iterable[str]) -> Targets:
     """SNAC weights -> ``codec.snac``; old weight-norm names (``weight_g``/``weight_v``) become the parametrization
-    names (``parametrizations.weight.original0``/``original1``) that ``torch.nn.utils.parametrizations`` uses."""
-    out: dict[str, torch.Tensor] = {}
+    names (``parametrizations.weight.original0``/``original1``) that ``torch.nn.utils.parametrizations`` uses.
+    Names with no place in the model's codec are left untaken (reported as unused)."""
+    out = Targets(src)
+    expected = set(expected)
     for name in list(src.tensors):
         target = re.sub(r"\.weight_g$", ".parametrizations.weight.original0", name)
         target = re.sub(r"\.weight_v$", ".parametrizations.weight.original1", target)
         key = f"codec.snac.{target}"
+        if key not in expected:
+            continue
         if key in out:
             src.problems.append(f"{SNAC}: {name!r} and another tensor both map to {key!r}")
             continue
@@ -520,19 +535,22 @@ def map_state_dicts(
     steps = [
         (LIT, lambda s: map_litgpt(s, lit, has_vision)),
         (WHISPER, lambda s: map_whisper(s, config.audio_config.encoder_layers)),
-        (SNAC, map_snac),
+        (SNAC, lambda s: map_snac(s, expected)),
     ]
     if has_vision:
         steps.insert(2, (CLIP, lambda s: map_clip(s, config.vision_config.num_hidden_layers)))
 
     target: dict[str, torch.Tensor] = {}
+    origin: dict[str, str | None] = {}
     for label, step in progress(steps):
-        for name, tensor in step(sources[label]).items():
+        mapped = step(sources[label])
+        for name, tensor in mapped.items():
             if tensor is None:
                 continue
             if name in target:
                 problems.append(f"target tensor {name!r} is written twice")
             target[name] = tensor
+            origin[name] = mapped.origin.get(name)
 
     # Dropped on purpose: the Whisper decoder (only the encoder is used) and the CLIP text tower.
     whisper_drop = sources[WHISPER].drop(lambda n: n.startswith("decoder.") or n == "alignment_heads")
@@ -550,12 +568,12 @@ def map_state_dicts(
     for name in sorted(set(expected) - set(target)):
         problems.append(f"target tensor {name!r} is not filled by any source tensor")
     for name in sorted(set(target) - set(expected)):
-        problems.append(f"target tensor {name!r} (from the sources) does not exist in the model")
+        problems.append(f"target tensor {name!r} (from {origin[name]}) does not exist in the model")
     for name in sorted(set(target) & set(expected)):
         if tuple(target[name].shape) != tuple(expected[name]):
             problems.append(
-                f"target tensor {name!r}: converted shape {tuple(target[name].shape)} != model shape "
-                f"{tuple(expected[name])}"
+                f"target tensor {name!r} (from {origin[name]}): converted shape {tuple(target[name].shape)} != "
+                f"model shape {tuple(expected[name])}"
             )
     if problems:
         raise ConversionError(problems)

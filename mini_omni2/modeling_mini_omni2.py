@@ -347,6 +347,9 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
     """Mini-Omni2 with its LM head over the whole 181,120-id vocabulary and the SNAC codec."""
 
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # The loss is a sum of per-stream means and ignores `num_items_in_batch`: let Trainer scale it for gradient
+    # accumulation itself (otherwise it assumes the model normalised by the token count and does not).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: MiniOmni2Config):
         super().__init__(config)

@@ -1,0 +1,240 @@
+"""Benchmark of ``generate`` at the released sizes (random weights, nothing downloaded).
+
+For each batch size (requests), every request is a spoken question of ~150 Whisper frames answered in speech with
+batch parallel decoding (2 rows per request). Reported:
+
+- prefill s: from the ``generate`` call to the first step's tokens (Whisper + CLIP-free prefill of all rows);
+- decode steps/s: decoding steps per second after the first, with the time spent decoding streamed audio chunks
+  taken out (the model's and generate's own work); "with audio" keeps it in (mean over the steps);
+- forward-only steps/s: a bare loop of ``model(...)`` calls of the same shapes (rows, cache length), no sampling,
+  no bookkeeping: the ceiling for generate (target: generate >= 95 % of it). On CUDA both are means over the steps
+  (the forward loop syncs once at the end); on CPU both are the median step, which resists the bursts of other
+  processes on a shared machine;
+- first audio s: from the call to the first streamed audio chunk (4 frames, + 3 frames of lookahead, SNAC decoded);
+- RTF: wall time of the whole call / seconds of speech of one request (< 1 is faster than real time);
+- peak memory: CUDA peak allocated, or the process's peak RSS on CPU (monotonic over the run).
+
+Every request decodes exactly ``--steps`` steps (``min_new_tokens`` bans the stop tokens; random weights would stop
+anywhere). Run ``python benchmarks/bench_generate.py --help`` for the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from mini_omni2 import MiniOmni2Config, MiniOmni2ForConditionalGeneration, MiniOmni2Processor
+from mini_omni2.processing_mini_omni2 import SAMPLES_PER_FRAME, SAMPLING_RATE
+from mini_omni2.streaming_mini_omni2 import MiniOmni2Streamer
+from mini_omni2.tiny import tiny_tokenizer
+
+
+class TimingStreamer(MiniOmni2Streamer):
+    """Streams audio like an application would and records when each step and the first chunk arrived."""
+
+    def __init__(self, codec, device: torch.device, start: float):
+        super().__init__(codec=codec)
+        self.device = device
+        self.start = start
+        self.step_times: list[float] = []
+        self.first_audio: float | None = None
+        self.codec_seconds = 0.0
+        self.codec_before: list[float] = []  # codec time spent before each step's timestamp
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def put(self, value):
+        self._sync()
+        self.step_times.append(time.perf_counter())
+        self.codec_before.append(self.codec_seconds)
+        began = time.perf_counter()
+        super().put(value)
+        self._sync()
+        if len(self.events) and any(e.audio is not None for e in self.events):
+            self.codec_seconds += time.perf_counter() - began
+        self.events.clear()
+
+    def on_event(self, event):
+        super().on_event(event)
+        if event.audio is not None and self.first_audio is None:
+            self._sync()
+            self.first_audio = time.perf_counter() - self.start
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kib / 2**20
+
+
+def build(device: torch.device, dtype: torch.dtype):
+    config = MiniOmni2Config()  # the released sizes
+    torch.manual_seed(0)
+    model = MiniOmni2ForConditionalGeneration(config).to(dtype=dtype)
+    model.codec.float()  # the codec stays float32, as from_pretrained keeps it
+    model = model.to(device).eval()
+    processor = MiniOmni2Processor.from_config(config, tokenizer=tiny_tokenizer())
+    return model, processor
+
+
+def make_inputs(processor, batch: int, frames: int, device: torch.device, dtype: torch.dtype):
+    rng = np.random.default_rng(0)
+    samples = (frames - 1) * SAMPLES_PER_FRAME  # L = samples // 320 + 1 frames (SPEC §5)
+    audio = [(0.1 * rng.standard_normal(samples)).astype(np.float32) for _ in range(batch)]
+    inputs = processor(audio=[(a, SAMPLING_RATE) for a in audio], output=["speech"] * batch)
+    inputs.pop("request_index")
+    out = {k: v.to(device) for k, v in inputs.items()}
+    out["input_features"] = out["input_features"].to(dtype)
+    return out
+
+
+@torch.no_grad()
+def forward_only(model, rows: int, prompt_len: int, steps: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Steps/s of bare decoding forwards with a cache of the prompt's length (filled with random keys/values)."""
+    from transformers.cache_utils import DynamicCache
+
+    text = model.config.text_config
+    cache = DynamicCache(config=text)
+    shape = (rows, text.num_key_value_heads, prompt_len, text.head_dim)
+    for layer in range(text.num_hidden_layers):
+        keys = torch.randn(shape, device=device, dtype=dtype)
+        cache.update(keys, torch.randn_like(keys), layer)
+    layout = model.layout
+    ids = (layout.stream_offsets(device) + torch.tensor([layout.pad_a] * 7 + [layout.pad_t], device=device))
+    ids = ids[None, :, None].expand(rows, -1, 1).contiguous()
+    mask = torch.ones(rows, prompt_len + steps + 1, dtype=torch.long, device=device)
+    position = torch.full((rows, 1), prompt_len, dtype=torch.long, device=device)
+
+    def step(t):
+        return model(input_ids=ids, attention_mask=mask[:, : prompt_len + t + 1], position_ids=position + t,
+                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    step(0)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        for t in range(1, steps):
+            step(t)
+        torch.cuda.synchronize(device)  # one sync at the end: the GPU's own pace
+        return (steps - 1) / (time.perf_counter() - began)
+    intervals = []
+    for t in range(1, steps):
+        began = time.perf_counter()
+        step(t)
+        intervals.append(time.perf_counter() - began)
+    return 1.0 / statistics.median(intervals)
+
+
+def run_generate(model, inputs, steps: int, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    streamer = TimingStreamer(model.codec, device, start)
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, streamer=streamer, decode_audio=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    times = streamer.step_times
+    decode_wall = times[-1] - times[0]
+    codec = streamer.codec_before[-1] - streamer.codec_before[0]
+    # per-step intervals without the streamed-audio decoding; the median resists other processes' bursts on a CPU
+    intervals = [
+        (times[i + 1] - times[i]) - (streamer.codec_before[i + 1] - streamer.codec_before[i])
+        for i in range(len(times) - 1)
+    ]
+    if device.type == "cuda":
+        lm_rate = (len(times) - 1) / max(decode_wall - codec, 1e-9)
+    else:
+        lm_rate = 1.0 / statistics.median(intervals)
+    frames = out.audio_frames[0].shape[0]
+    speech_seconds = frames * model.codec.samples_per_frame / model.codec.sampling_rate
+    return {
+        "prefill_s": times[0] - start,
+        "decode_steps_per_s": lm_rate,
+        "decode_steps_per_s_with_audio": (len(times) - 1) / max(decode_wall, 1e-9),
+        "first_audio_s": streamer.first_audio,
+        "rtf": wall / speech_seconds if speech_seconds else float("nan"),
+        "wall_s": wall,
+        "peak_gib": peak_memory_gib(device),
+        "steps": int(out.generated_lengths[0]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="model dtype (default bfloat16 on CUDA, float32 on CPU); the codec stays float32")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="requests per call")
+    parser.add_argument("--steps", type=int, default=None, help="decoding steps per call (default 256 CUDA, 16 CPU)")
+    parser.add_argument("--audio-frames", type=int, default=150, help="Whisper frames of each spoken prompt")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed generate calls first (batch 1, 16 steps)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    steps = args.steps or (256 if device.type == "cuda" else 16)
+    if steps < 15:
+        print("note: fewer than 15 steps: the first audio chunk only comes when the answer ends", file=sys.stderr)
+
+    began = time.perf_counter()
+    model, processor = build(device, dtype)
+    print(f"built the released sizes ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters, random) "
+          f"in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    for _ in range(args.warmup):
+        model.generate(**make_inputs(processor, 1, args.audio_frames, device, dtype), max_new_tokens=16,
+                       min_new_tokens=16, decode_audio=False)
+
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    results = []
+    for batch in args.batch_sizes:
+        inputs = make_inputs(processor, batch, args.audio_frames, device, dtype)
+        prompt_len = inputs["input_ids"].shape[-1]
+        gen = run_generate(model, inputs, steps, device)
+        fwd = forward_only(model, 2 * batch, prompt_len, steps, device, dtype)
+        row = {"batch": batch, "rows": 2 * batch, "prompt_len": prompt_len, **gen, "forward_only_steps_per_s": fwd,
+               "generate_vs_forward": gen["decode_steps_per_s"] / fwd}
+        results.append(row)
+        print(json.dumps(row), file=sys.stderr)
+
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nmachine: {machine}; dtype {str(dtype).replace('torch.', '')}; {steps} steps; "
+          f"prompt {args.audio_frames} audio frames; torch {torch.__version__}; "
+          f"1-min load average {load_before:.1f} before, {load_after:.1f} after\n")
+    print("| requests | rows | prefill s | decode steps/s | with audio | forward-only steps/s | generate / forward "
+          "| first audio s | RTF | peak memory GiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        first = f"{r['first_audio_s']:.2f}" if r["first_audio_s"] is not None else "-"
+        print(f"| {r['batch']} | {r['rows']} | {r['prefill_s']:.2f} | {r['decode_steps_per_s']:.2f} | "
+              f"{r['decode_steps_per_s_with_audio']:.2f} | {r['forward_only_steps_per_s']:.2f} | "
+              f"{100 * r['generate_vs_forward']:.1f} % | {first} | {r['rtf']:.2f} | {r['peak_gib']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "dtype": str(dtype), "steps": steps, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""Training Mini-Omni2: the data collator, the three training stages (SPEC §9) and LoRA helpers.
+
+- :class:`MiniOmni2DataCollator` turns examples (``docs/training.md``; raw or preprocessed by
+  :mod:`mini_omni2.data`) into ``input_ids``/``labels`` of shape (batch, 8, seq) plus the feature inputs. A row is
+  the prompt of :meth:`TokenLayout.build_prompt` followed by the answer streams of
+  :meth:`TokenLayout.delay_answer`; labels are the same ids where the answer is learned and -100 elsewhere, so
+  that the targets are exactly what delayed parallel decoding (SPEC §6) generates and feeds back.
+- :func:`configure_stage` freezes the model for stage 1, 2 or 3 and reports the trainable parameters per part.
+- :func:`training_arguments` gives ``transformers.TrainingArguments`` with the paper's schedule and per-stage rates.
+- :func:`lora_config`, :func:`apply_lora`, :func:`load_lora`: PEFT LoRA on the language model only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .data import _codec_of, _present, prepare_example
+from .modeling_mini_omni2 import IGNORE_INDEX
+from .processing_mini_omni2 import SAMPLING_RATE, load_image
+from .token_layout import OUTPUT_SPEECH, TASKS, TokenLayout
+
+logger = logging.get_logger(__name__)
+
+
+# ----- one row -------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingRow:
+    """The 8 input streams of one training sequence, its 8 label streams and where the features go."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    audio_positions: list[int]
+    image_positions: list[int]
+    prompt_length: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids[0])
+
+
+def build_training_row(
+    layout: TokenLayout,
+    task: str,
+    answer_text_ids: Sequence[int],
+    answer_codes: Any = None,
+    prompt_text_ids: Sequence[int] | None = None,
+    num_audio_frames: int | None = None,
+) -> TrainingRow:
+    """Prompt (``build_prompt``) + answer (``delay_answer``) of one example, with its labels.
+
+    Labels are -100 on the prompt and wherever ``delay_answer`` marks a position as not learned (the ``pad_a``
+    audio streams of text answers, which generation feeds itself); elsewhere they equal the input ids. The model
+    shifts them, so the prompt's last position (``answer_t``/``asr``) predicts the answer's first tokens.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    speech = TASKS[task][1] == OUTPUT_SPEECH
+    codes = None
+    if answer_codes is not None and np.asarray(answer_codes).size > 0:
+        codes = torch.as_tensor(np.asarray(answer_codes), dtype=torch.long)
+    if speech and codes is None:
+        raise ValueError(f"task {task} has a speech answer and needs answer codes (T, {layout.num_audio_layers})")
+    if not speech and codes is not None:
+        raise ValueError(f"task {task} has a text answer; it takes no answer codes")
+    text_ids = [int(t) for t in answer_text_ids]
+    if not speech and not text_ids:
+        raise ValueError(f"task {task} has a text answer; it needs answer text ids")
+    bad = [t for t in text_ids if not 0 <= t < layout.tokenizer_vocab_size]
+    if bad:
+        raise ValueError(f"answer text ids must be tokenizer ids in [0, {layout.tokenizer_vocab_size}), got {bad[:5]}")
+    prompt_ids = [int(t) for t in prompt_text_ids] if prompt_text_ids is not None and len(prompt_text_ids) else None
+    prompt = layout.build_prompt(task, text_ids=prompt_ids, num_audio_frames=num_audio_frames or None)
+    answer, learned = layout.delay_answer(text_ids, codes)
+    if speech and len(text_ids) + 1 > codes.shape[0] + layout.num_audio_layers + 1:
+        logger.warning(
+            "a speech answer's text (%d tokens) outlasts its speech (%d frames): generation stops at the last layer's "
+            "eoa and would cut the text",
+            len(text_ids),
+            codes.shape[0],
+        )
+    input_ids = [p + a for p, a in zip(prompt.streams, answer)]
+    labels = [
+        [IGNORE_INDEX] * len(prompt) + [t if keep else IGNORE_INDEX for t, keep in zip(a, flags)]
+        for a, flags in zip(answer, learned)
+    ]
+    return TrainingRow(input_ids, labels, prompt.audio_positions, prompt.image_positions, len(prompt))
+
+
+def pad_ids(layout: TokenLayout) -> list[int]:
+    """The id each stream is padded with: ``pad_a`` of every audio layer, then ``pad_t``."""
+    return [layout.layershift(layout.pad_a, i) for i in range(layout.num_audio_layers)] + [layout.pad_t]
+
+
+# ----- the collator ----------------------------------------------------------------------------------------------
+class MiniOmni2DataCollator:
+    """Examples -> a training batch for :class:`~mini_omni2.MiniOmni2ForConditionalGeneration`.
+
+    Args:
+        processor: the model's :class:`~mini_omni2.MiniOmni2Processor`.
+        codec: the model's codec (or the model), to encode ``answer_audio`` of examples not preprocessed.
+        padding_side: ``"right"`` (default; training) or ``"left"`` (as the processor's prompts). Padded positions
+            get ``pad_a``/``pad_t`` ids, attention 0 and label -100; the model derives the positions from the
+            attention mask, so both give the same loss.
+        pad_to_multiple_of: round the sequence length up.
+        max_length: refuse longer rows (default: the processor's ``model_max_length``).
+        batch_parallel_twins: for every speech-answer example also add its text-out twin row (``A1T2`` for
+            ``A1A2``, ``T1T2`` for ``T1A2``, ...), with the same text answer: batch parallel decoding (SPEC §6)
+            takes the text of a speech answer from that twin row, so training it makes the default
+            ``generate(batch_parallel=True)`` reproduce what the speech example teaches.
+        truncate_audio: keep the first 30 s of longer input audio instead of refusing it.
+
+    Returns a dict: ``input_ids`` and ``labels`` (batch, 8, seq), ``attention_mask`` and ``audio_feature_mask``
+    (batch, seq), and when present ``input_features`` (n_audio, 80, frames) and ``audio_lengths`` (n_audio,),
+    ``pixel_values`` (n_images, 3, 224, 224) and ``image_feature_mask`` (batch, seq); features are in row order.
+    """
+
+    def __init__(
+        self,
+        processor,
+        codec: Any = None,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+        max_length: int | None = None,
+        batch_parallel_twins: bool = False,
+        truncate_audio: bool = False,
+    ):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.processor = processor
+        self.codec = _codec_of(codec)
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.max_length = max_length if max_length is not None else getattr(processor, "model_max_length", None)
+        self.batch_parallel_twins = batch_parallel_twins
+        self.truncate_audio = truncate_audio
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.processor.layout
+
+    def rows(self, example: dict) -> list[tuple[TrainingRow, dict]]:
+        """The training rows of one example (two with ``batch_parallel_twins`` for a speech answer)."""
+        prepared = prepare_example(
+            example, self.processor, codec=self.codec, audio="waveform", images="keep", truncate_audio=self.truncate_audio
+        )
+        task = prepared["task"]
+        common = dict(
+            answer_text_ids=prepared["answer_text_ids"],
+            prompt_text_ids=prepared["prompt_text_ids"],
+            num_audio_frames=prepared["audio_num_frames"],
+        )
+        rows = [(build_training_row(self.layout, task, answer_codes=prepared["answer_codes"], **common), prepared)]
+        if self.batch_parallel_twins and TASKS[task][1] == OUTPUT_SPEECH:
+            twin = self.layout.text_output_task(task)
+            if len(prepared["answer_text_ids"]) == 0:
+                raise ValueError("batch_parallel_twins needs the text of every speech answer (answer_text)")
+            rows.append((build_training_row(self.layout, twin, answer_codes=None, **common), prepared))
+        return rows
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("empty batch")
+        rows = [row for example in examples for row in self.rows(example)]
+        layout = self.layout
+        length = max(len(r) for r, _ in rows)
+        if self.max_length is not None and length > self.max_length:
+            raise ValueError(f"a training row has {length} positions, more than max_length={self.max_length}")
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(rows)
+        input_ids = torch.tensor(pad_ids(layout), dtype=torch.long)[None, :, None].repeat(batch, 1, length)
+        labels = torch.full((batch, layout.num_streams, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long)
+        audio_mask = torch.zeros(batch, length, dtype=torch.bool)
+        image_mask = torch.zeros(batch, length, dtype=torch.bool)
+        features, audio_lengths, pixels = [], [], []
+        for b, (row, prepared) in enumerate(rows):
+            shift = length - len(row) if self.padding_side == "left" else 0
+            span = slice(shift, shift + len(row))
+            input_ids[b, :, span] = torch.tensor(row.input_ids, dtype=torch.long)
+            labels[b, :, span] = torch.tensor(row.labels, dtype=torch.long)
+            attention_mask[b, span] = 1
+            if row.audio_positions:
+                audio_mask[b, [shift + p for p in row.audio_positions]] = True
+                features.append(self._features(prepared))
+                audio_lengths.append(len(row.audio_positions))
+            if row.image_positions:
+                image_mask[b, [shift + p for p in row.image_positions]] = True
+                pixels.append(self._pixels(prepared))
+        out = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "audio_feature_mask": audio_mask,
+        }
+        if features:
+            out["input_features"] = torch.stack(features)
+            out["audio_lengths"] = torch.tensor(audio_lengths, dtype=torch.long)
+        if pixels:
+            out["pixel_values"] = torch.stack(pixels)
+            out["image_feature_mask"] = image_mask
+        return out
+
+    def _features(self, prepared: dict) -> torch.Tensor:
+        if _present(prepared["input_features"]):
+            return torch.as_tensor(np.asarray(prepared["input_features"], dtype=np.float32))
+        features = self.processor.feature_extractor(
+            prepared["audio_waveform"], sampling_rate=SAMPLING_RATE, return_tensors="np", padding="max_length"
+        )["input_features"][0]
+        return torch.as_tensor(features, dtype=torch.float32)
+
+    def _pixels(self, prepared: dict) -> torch.Tensor:
+        if _present(prepared["pixel_values"]):
+            return torch.as_tensor(np.asarray(prepared["pixel_values"], dtype=np.float32))
+        image = load_image(prepared["image"])
+        pixels = self.processor.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
+        return torch.as_tensor(pixels, dtype=torch.float32)
+
+
+# ----- stages (SPEC §9) ---------------------------------------------------------------------------------------------
+#: The parts of the model, by the attribute path of their module.
+PARTS = {
+    "language_model": "model.language_model",
+    "lm_head": "lm_head",
+    "audio_projector": "model.audio_projector",
+    "vision_projector": "model.vision_projector",
+    "audio_tower": "model.audio_tower",
+    "vision_tower": "model.vision_tower",
+    "codec": "codec",
+}
+ADAPTERS = ("audio_projector", "vision_projector")
+ENCODERS = ("audio_tower", "vision_tower")
+
+#: Trainable parts per stage (SPEC §9): 1 adapters only; 2 the language model (with its head), adapters frozen, on
+#: text answers; 3 everything but the encoders. The codec is always frozen.
+STAGE_PARTS = {
+    1: ADAPTERS,
+    2: ("language_model", "lm_head"),
+    3: ("language_model", "lm_head") + ADAPTERS,
+}
+
+#: Default peak and final learning rates per stage, inside the paper's ranges (adapters 2e-5..1e-3, language
+#: model 2e-6..2e-4): cosine decay from the peak to the final rate after 1,500 warm-up steps.
+STAGE_LEARNING_RATES = {1: (1e-3, 2e-5), 2: (2e-4, 2e-6), 3: (2e-4, 2e-6)}
+WARMUP_STEPS = 1500
+GLOBAL_BATCH_SIZE = 192
+
+
+def _unwrap(model):
+    """The MiniOmni2ForConditionalGeneration inside a PEFT wrapper (or the model itself)."""
+    base = model
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    return base
+
+
+def _part_of(name: str) -> str:
+    parts = name.split(".")
+    for part in PARTS:
+        if part in parts:
+            return part
+    return "other"
+
+
+def parameter_counts(model) -> dict[str, dict[str, int]]:
+    """Per part (``language_model``, ``lm_head``, adapters, encoders, ``codec``): trainable and total parameters.
+
+    Works on the model and on a PEFT-wrapped one (LoRA weights count in the part they adapt).
+    """
+    counts: dict[str, dict[str, int]] = {part: {"trainable": 0, "total": 0} for part in PARTS}
+    for name, param in model.named_parameters():
+        part = counts.setdefault(_part_of(name), {"trainable": 0, "total": 0})
+        part["total"] += param.numel()
+        if param.requires_grad:
+            part["trainable"] += param.numel()
+    return counts
+
+
+def configure_stage(model, stage: int, train_encoders: bool = False) -> dict[str, int]:
+    """Freeze ``model`` for training stage 1, 2 or 3 (SPEC §9); return the trainable parameters per part.
+
+    Stage 1 trains the adapters only; stage 2 the language model and its head (adapters frozen; train it on
+    text answers); stage 3 all but the encoders. ``train_encoders=True`` also trains the Whisper and CLIP
+    encoders. The codec is always frozen. The returned dict maps each part to its trainable parameter count,
+    plus ``"trainable"`` (their sum) and ``"total"`` (all parameters).
+    """
+    if stage not in STAGE_PARTS:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    base = _unwrap(model)
+    trainable = set(STAGE_PARTS[stage]) | (set(ENCODERS) if train_encoders else set())
+    base.requires_grad_(False)
+    for part, path in PARTS.items():
+        module = base
+        for attr in path.split("."):
+            module = getattr(module, attr, None) if module is not None else None
+        if module is not None and part in trainable:
+            module.requires_grad_(True)
+    if getattr(base, "codec", None) is not None:
+        base.codec.requires_grad_(False)
+    counts = parameter_counts(base)
+    report = {part: c["trainable"] for part, c in counts.items()}
+    report["trainable"] = sum(c["trainable"] for c in counts.values())
+    report["total"] = sum(c["total"] for c in counts.values())
+    return report
+
+
+def stage_parameter_groups(
+    model, learning_rate: float, adapter_learning_rate: float | None = None, weight_decay: float = 0.0
+) -> list[dict]:
+    """Optimizer parameter groups of the trainable parameters: the adapters at ``adapter_learning_rate`` (when
+    given), the rest at ``learning_rate``; no weight decay on biases and norms."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_adapter = adapter_learning_rate is not None and _part_of(name) in ADAPTERS
+        decay = param.ndim >= 2
+        groups.setdefault((is_adapter, decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": adapter_learning_rate if is_adapter else learning_rate,
+            "weight_decay": weight_decay if decay else 0.0,
+        }
+        for (is_adapter, decay), params in groups.items()
+    ]
+
+
+def training_arguments(stage: int, output_dir: str, **overrides):
+    """``TrainingArguments`` for ``stage`` with the paper's schedule (SPEC §9) and what this model's batches need.
+
+    Defaults: the stage's peak learning rate (:data:`STAGE_LEARNING_RATES`), cosine decay to the stage's final rate
+    (``cosine_with_min_lr``), 1,500 warm-up steps, ``remove_unused_columns=False`` (the collator reads the raw
+    columns) and ``label_names=["labels"]``. Any keyword overrides them (e.g. ``warmup_steps=0`` for tiny runs).
+    """
+    from transformers import TrainingArguments
+
+    if stage not in STAGE_LEARNING_RATES:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    peak, final = STAGE_LEARNING_RATES[stage]
+    learning_rate = overrides.pop("learning_rate", peak)
+    kwargs = dict(
+        output_dir=output_dir,
+        learning_rate=learning_rate,
+        warmup_steps=WARMUP_STEPS,
+        weight_decay=0.0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to="none",
+    )
+    if "lr_scheduler_type" not in overrides:  # the final rate is a ratio of the peak: keep the stage's range
+        kwargs.update(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": final / peak})
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+# ----- LoRA ----------------------------------------------------------------------------------------------------------
+#: Module names LoRA adapts: the attention and MLP projections of the language model's layers only (the Whisper
+#: and CLIP encoders have q/k/v/out projections of their own, which this regex leaves alone).
+LORA_TARGET_MODULES = (
+    r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+)
+
+
+def lora_config(
+    r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    train_projectors: bool = True,
+    modules_to_save: Sequence[str] | None = None,
+    **kwargs,
+):
+    """A ``peft.LoraConfig`` on the language model's q/k/v/o/gate/up/down projections (:data:`LORA_TARGET_MODULES`).
+
+    ``train_projectors`` trains full copies of the audio/vision adapters (``modules_to_save``), saved with the
+    LoRA weights; ``modules_to_save`` adds other modules (e.g. ``["lm_head"]``).
+    """
+    from peft import LoraConfig
+
+    save = list(ADAPTERS) if train_projectors else []
+    save += [m for m in (modules_to_save or []) if m not in save]
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=LORA_TARGET_MODULES,
+        modules_to_save=save or None,
+        bias="none",
+        **kwargs,
+    )
+
+
+def apply_lora(model, config=None, **kwargs):
+    """Wrap ``model`` in a PEFT model with LoRA (``config`` or :func:`lora_config` of ``kwargs``); encoders, codec
+    and everything not adapted stay frozen. A model without vision skips the vision adapter."""
+    from peft import get_peft_model
+
+    config = config if config is not None else lora_config(**kwargs)
+    if config.modules_to_save and getattr(model.model, "vision_projector", None) is None:
+        config.modules_to_save = [m for m in config.modules_to_save if m != "vision_projector"] or None
+    return get_peft_model(model, config)
+
+
+def load_lora(model, path: str, is_trainable: bool = False):
+    """Load a saved LoRA adapter onto ``model`` (the same base it was trained on)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TrainingRow",
+    "build_training_row",
+    "pad_ids",
+    "MiniOmni2DataCollator",
+    "PARTS",
+    "STAGE_PARTS",
+    "STAGE_LEARNING_RATES",
+    "WARMUP_STEPS",
+    "GLOBAL_BATCH_SIZE",
+    "parameter_counts",
+    "configure_stage",
+    "stage_parameter_groups",
+    "training_arguments",
+    "LORA_TARGET_MODULES",
+    "lora_config",
+    "apply_lora",
+    "load_lora",
+]

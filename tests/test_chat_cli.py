@@ -1,0 +1,61 @@
+"""``mini-omni2 chat`` runs offline with the random tiny model and writes a playable 24 kHz wav."""
+
+from __future__ import annotations
+
+import pytest
+import soundfile
+import torch
+
+from conftest import sine
+from mini_omni2.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and so do not stall when other processes load the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_chat_tiny_random_writes_a_wav(tmp_path, capsys):
+    out = tmp_path / "answer.wav"
+    code = main(["chat", "--model", "tiny-random", "--text", "What is your name?", "--out", str(out),
+                 "--max-new-tokens", "24", "--no-codec-noise"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "RANDOM weights" in captured.err
+    assert f"wrote {out}" in captured.err
+    audio, rate = soundfile.read(str(out))
+    assert rate == 24000
+    assert audio.ndim == 1 and len(audio) > 0 and len(audio) % 2048 == 0
+
+
+def test_chat_audio_prompt_text_answer(tmp_path, capsys):
+    wav = tmp_path / "question.wav"
+    soundfile.write(str(wav), sine(0.5, sampling_rate=22050), 22050)
+    out = tmp_path / "unused.wav"
+    code = main(["chat", "--model", "tiny-random", "--audio", str(wav), "--output", "text", "--out", str(out),
+                 "--max-new-tokens", "8"])
+    assert code == 0
+    assert not out.exists()  # a text answer writes no wav
+    assert "steps" in capsys.readouterr().err
+
+
+def test_chat_needs_a_prompt(capsys):
+    assert main(["chat", "--model", "tiny-random"]) == 2
+    assert "give at least one of" in capsys.readouterr().err
+
+
+def test_chat_loads_a_saved_folder(model, processor, tmp_path, capsys):
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    out = tmp_path / "answer.wav"
+    code = main(["chat", "--model", str(folder), "--text", "hello world", "--out", str(out), "--max-new-tokens", "16",
+                 "--greedy", "--no-codec-noise"])
+    assert code == 0
+    assert "RANDOM" not in capsys.readouterr().err
+    audio, rate = soundfile.read(str(out))
+    assert rate == 24000 and len(audio) > 0 and len(audio) % 2048 == 0
