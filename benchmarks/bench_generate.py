@@ -7,7 +7,7 @@ batch parallel decoding (2 rows per request). Reported:
 - decode steps/s: decoding steps per second after the first, with the time spent decoding streamed audio chunks
   taken out (the model's and generate's own work); "with audio" keeps it in (mean over the steps);
 - forward-only steps/s: a bare loop of ``model(...)`` calls of the same shapes (rows, cache length), no sampling,
-  no bookkeeping: the ceiling for generate (target: generate >= 95 % of it). On CUDA both are means over the steps
+  no bookkeeping, run before and after generate and averaged: the ceiling for generate (target: >= 95 % of it). On CUDA both are means over the steps
   (the forward loop syncs once at the end); on CPU both are the median step, which resists the bursts of other
   processes on a shared machine;
 - first audio s: from the call to the first streamed audio chunk (4 frames, + 3 frames of lookahead, SNAC decoded);
@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch_sizes:
         inputs = make_inputs(processor, batch, args.audio_frames, device, dtype)
         prompt_len = inputs["input_ids"].shape[-1]
+        # the forward-only loop runs before and after generate, and the two are averaged: a drift of the machine's
+        # speed (other processes, clocks) then biases neither side
+        fwd_before = forward_only(model, 2 * batch, prompt_len, steps, device, dtype)
         gen = run_generate(model, inputs, steps, device)
-        fwd = forward_only(model, 2 * batch, prompt_len, steps, device, dtype)
+        fwd = 0.5 * (fwd_before + forward_only(model, 2 * batch, prompt_len, steps, device, dtype))
         row = {"batch": batch, "rows": 2 * batch, "prompt_len": prompt_len, **gen, "forward_only_steps_per_s": fwd,
                "generate_vs_forward": gen["decode_steps_per_s"] / fwd}
         results.append(row)

@@ -374,7 +374,7 @@ class MiniOmni2GenerationMixin:
                 text_scores = out.text_logits[text_source, -1]  # (N, text_vocab)
                 audio_scores = out.audio_logits[:num_requests, :, -1]  # (N, 7, audio_vocab)
                 if step < min_new_tokens:  # ban each request's stop token (masks, not boolean indexing: no sync)
-                    text_scores, audio_scores = text_scores.clone(), audio_scores.clone()
+                    # text_scores is a gathered copy; audio_scores a view of logits that are dropped after this step
                     banned = torch.tensor(float("-inf"), device=device, dtype=text_scores.dtype)
                     text_scores[:, eot] = torch.where(is_speech, text_scores[:, eot], banned)
                     audio_scores[:, last_layer, eoa] = torch.where(is_speech, banned, audio_scores[:, last_layer, eoa])
