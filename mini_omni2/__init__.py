@@ -7,7 +7,10 @@ from .modeling_mini_omni2 import (
     MiniOmni2Model,
     MiniOmni2PreTrainedModel,
 )
+from .generation_mini_omni2 import MiniOmni2GenerateOutput, release_generation_config
 from .processing_mini_omni2 import MiniOmni2Processor
+from .streaming_mini_omni2 import MiniOmni2IteratorStreamer, MiniOmni2Streamer
+from .training import MiniOmni2DataCollator, configure_stage
 from .token_layout import TASKS, PromptLayout, TokenLayout
 from .registration import register
 
@@ -22,6 +25,12 @@ __all__ = [
     "MiniOmni2ForConditionalGeneration",
     "MiniOmni2Codec",
     "MiniOmni2Processor",
+    "MiniOmni2GenerateOutput",
+    "MiniOmni2Streamer",
+    "MiniOmni2IteratorStreamer",
+    "MiniOmni2DataCollator",
+    "configure_stage",
+    "release_generation_config",
     "TokenLayout",
     "PromptLayout",
     "TASKS",
