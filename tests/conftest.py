@@ -59,6 +59,16 @@ def color_image(color=(255, 0, 0), size=(320, 240)):
     return Image.new("RGB", size, color)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread: the tiny models' ops are small, and with 2 threads on a busy 2-core machine every op's
+    barrier can wait for a descheduled partner (runs were seen to take 10-70x longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import soundfile
-import torch
 
 from conftest import sine
 from mini_omni2.cli import main
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and so do not stall when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_chat_tiny_random_writes_a_wav(tmp_path, capsys):

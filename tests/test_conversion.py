@@ -44,15 +44,6 @@ NUM_FRAMES = 7  # Whisper frames used by the audio prompts (the encoder still se
 TEXT_PROMPT = [5, 17, 33, 100, 7]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and does not collapse when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # fixtures: the synthetic releases, their conversions, and the reference built from the ORIGINAL files
 # ----------------------------------------------------------------------------------------------------------------

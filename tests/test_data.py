@@ -24,15 +24,6 @@ from conftest import color_image, sine
 datasets = pytest.importorskip("datasets")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: tiny ops, and 2 threads on a busy 2-core machine can stall at every op's barrier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def codes(frames: int, seed: int, codebook: int = 64) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, codebook, size=(frames, 7)).tolist()

@@ -22,15 +22,6 @@ from conftest import color_image, sine
 MAX = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and so do not stall when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Scripted:
     """Replaces a tiny model's forward: at call ``step`` (0 = prefill), row ``r``'s logits put their maximum on
     ``audio(step, r)`` (7 local ids) and ``text(step, r)``. Records the ids fed at every decoding call."""

@@ -21,15 +21,6 @@ from mini_omni2.streaming_mini_omni2 import (
 STEPS = 31  # 24 frames: 6 chunks of 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and so do not stall when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     """SNR of ``estimate`` against the zero-mean ``reference`` (a DC offset cannot inflate it)."""
     assert reference.shape == estimate.shape

@@ -87,16 +87,6 @@ def round_trip_examples() -> list[dict]:
     return [{k: e.get(k) for k in keys} for e in examples]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these ops are tiny, and with 2 threads on a busy 2-core machine every op's barrier can
-    wait for a descheduled partner (runs were seen to take 10-70x longer)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(model, processor, examples, max_steps: int, learning_rate: float, output_dir, twins: bool = True,
         batch_size: int | None = None, **kwargs):
     """Train with transformers' Trainer (by default on all examples in every step); return the trainer.
