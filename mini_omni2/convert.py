@@ -342,10 +342,10 @@ def convert_checkpoint(
     tokenizer = load_tokenizer(loaded["folder"])
     image_processor = None
     if model.config.has_vision:
-        from transformers import CLIPImageProcessor
+        from transformers import CLIPImageProcessorPil
 
         size = model.config.vision_config.image_size
-        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = MiniOmni2Processor.from_config(model.config, tokenizer=tokenizer, image_processor=image_processor)
 
     output.mkdir(parents=True, exist_ok=True)

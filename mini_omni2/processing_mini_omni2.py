@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from transformers import BatchFeature, CLIPImageProcessor, WhisperFeatureExtractor
+from transformers import BatchFeature, CLIPImageProcessorPil, WhisperFeatureExtractor
 from transformers.processing_utils import ProcessorMixin
 
 from .token_layout import OUTPUT_ASR, OUTPUT_SPEECH, OUTPUT_TEXT, OUTPUTS, TASKS, TokenLayout, task_name
@@ -79,7 +79,7 @@ class MiniOmni2Processor(ProcessorMixin):
     Builds the 8-stream prompts of Mini-Omni2 (SPEC §4) from text, speech and images, batched with left padding.
 
     Args:
-        image_processor (`CLIPImageProcessor`): CLIP preprocessing (224 px, bicubic, center crop, CLIP mean/std).
+        image_processor (`CLIPImageProcessorPil`): CLIP preprocessing (224 px, bicubic, center crop, CLIP mean/std).
         feature_extractor (`WhisperFeatureExtractor`): 80-bin log-mel of 30 s windows at 16 kHz.
         tokenizer (`Qwen2Tokenizer`): the text tokenizer; prompts are its plain encoding (no BOS, no template).
         text_vocab_size, num_text_special_tokens, audio_codebook_size, audio_vocab_size, num_audio_layers,
@@ -88,10 +88,6 @@ class MiniOmni2Processor(ProcessorMixin):
         model_max_length (`int`): the context length; longer prompts are refused.
         has_vision (`bool`): whether the model takes images (False for Mini-Omni).
     """
-
-    image_processor_class = "CLIPImageProcessor"
-    feature_extractor_class = "WhisperFeatureExtractor"
-    tokenizer_class = "AutoTokenizer"
 
     def __init__(
         self,
@@ -118,7 +114,8 @@ class MiniOmni2Processor(ProcessorMixin):
         self.max_audio_frames = max_audio_frames
         self.model_max_length = model_max_length
         self.has_vision = has_vision
-        image_processor = image_processor if image_processor is not None else CLIPImageProcessor()
+        # PIL backend: OpenAI CLIP's own preprocessing resizes with PIL bicubic, and it needs no torchvision
+        image_processor = image_processor if image_processor is not None else CLIPImageProcessorPil()
         feature_extractor = feature_extractor if feature_extractor is not None else WhisperFeatureExtractor()
         super().__init__(image_processor, feature_extractor, tokenizer, **kwargs)
         if len(self.tokenizer) > self.layout.tokenizer_vocab_size:
