@@ -18,6 +18,7 @@ import os
 import re
 import warnings
 import zipfile
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -53,7 +54,8 @@ SNAC_FILES = ["config.json", "pytorch_model.bin"]
 RELEASE_SAMPLING = dict(do_sample=True, temperature=0.9, top_k=1, top_p=1.0)
 
 #: Where the model cards live in a source checkout; the card of the converted family is copied into the output.
-MODEL_CARDS = Path(__file__).resolve().parent.parent / "model_cards"
+MODEL_CARDS = Path(__file__).resolve().parent.parent / "model_cards"  # a source checkout or editable install
+INSTALLED_MODEL_CARDS = Path(sys.prefix) / "share" / "mini_omni2" / "model_cards"  # setup.py data_files
 REPO_ID_PLACEHOLDER = "<repo_id>"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -247,6 +249,8 @@ def _release_generation_config():
 def _model_card(config, repo_id: str | None, output: Path) -> str:
     family = "mini-omni2" if config.has_vision else "mini-omni"
     path = MODEL_CARDS / family / "README.md"
+    if not path.is_file():
+        path = INSTALLED_MODEL_CARDS / family / "README.md"
     if path.is_file():
         card = path.read_text(encoding="utf-8")
     else:  # an installed package without the repository's model_cards/
