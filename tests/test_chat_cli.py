@@ -48,3 +48,15 @@ def test_chat_loads_a_saved_folder(model, processor, tmp_path, capsys):
     assert "RANDOM" not in capsys.readouterr().err
     audio, rate = soundfile.read(str(out))
     assert rate == 24000 and len(audio) > 0 and len(audio) % 2048 == 0
+
+
+def test_quickstart_example_streams_a_wav(tmp_path, capsys):
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).parent.parent / "examples" / "quickstart.py"))
+    out = tmp_path / "q.wav"
+    example["main"](["--out", str(out), "--max-new-tokens", "20"])
+    assert "RANDOM weights" in capsys.readouterr().out
+    audio, rate = soundfile.read(str(out))
+    assert rate == 24000 and len(audio) == (20 - 7) * 2048  # every frame after the 7-step delay, streamed
