@@ -144,14 +144,7 @@ class MiniOmni2Config(PreTrainedConfig):
     @property
     def token_layout(self) -> TokenLayout:
         """The ids, templates and delay rules of this model's vocabulary."""
-        return TokenLayout(
-            text_vocab_size=self.text_vocab_size,
-            num_text_special_tokens=self.num_text_special_tokens,
-            audio_codebook_size=self.audio_codebook_size,
-            audio_vocab_size=self.audio_vocab_size,
-            num_audio_layers=self.num_audio_layers,
-            num_image_tokens=self.num_image_tokens,
-        )
+        return TokenLayout.of(self)
 
     @property
     def total_vocab_size(self) -> int:

@@ -110,7 +110,7 @@ def check_twin_rule(layout: TokenLayout) -> None:
     with ``pad_a``. This checks, per speech task, that the result is exactly the prompt of
     :meth:`TokenLayout.text_output_task` (A1A2 -> A1T2, T1A2 -> T1T2, VA1A2 -> VA1T2, ...).
     """
-    pad_ids = [layout.layershift(layout.pad_a, i) for i in range(layout.num_audio_layers)]
+    pad_ids = layout.pad_ids()[: layout.num_audio_layers].tolist()
     for task, (inputs, output) in TASKS.items():
         if output != OUTPUT_SPEECH:
             continue
@@ -294,7 +294,7 @@ class MiniOmni2GenerationMixin:
         tasks = [infer_task(layout, input_ids[r][:, real[r]]) for r in range(num_requests)]
 
         # ----- batch parallel twins (SPEC §6) ------------------------------------------------------------------
-        pad_audio = layout.pad_a + audio_offsets  # (7,)
+        pad_audio = layout.pad_ids(device)[: layout.num_audio_layers]  # (7,)
         twin_of = [r for r in range(num_requests) if batch_parallel and kinds[r] == OUTPUT_SPEECH]
         if twin_of:
             check_twin_rule(layout)
@@ -346,7 +346,7 @@ class MiniOmni2GenerationMixin:
         # ----- state ----------------------------------------------------------------------------------------
         history = torch.empty(num_requests, layout.num_streams, total_len, dtype=torch.long, device=device)
         history[:, :, :prompt_len] = input_ids
-        pad_ids = torch.cat([pad_audio, pad_audio.new_tensor([layout.pad_t])])  # (8,)
+        pad_ids = layout.pad_ids(device)  # (8,)
         finished = torch.zeros(num_requests, dtype=torch.bool, device=device)
         text_done = torch.zeros(num_requests, dtype=torch.bool, device=device)
         lengths = torch.zeros(num_requests, dtype=torch.long, device=device)
@@ -536,9 +536,7 @@ class MiniOmni2GenerationMixin:
         device = input_ids.device
         sequences = history[:, :, : prompt_len + steps].clone()
         lengths_list = lengths.tolist()
-        pad_ids = layout.stream_offsets(device) + torch.tensor(
-            [layout.pad_a] * layout.num_audio_layers + [layout.pad_t], device=device
-        )
+        pad_ids = layout.pad_ids(device)
         position = torch.arange(steps, device=device)
         after = position[None, :] >= lengths[:, None]  # (N, steps)
         generated = sequences[:, :, prompt_len:]

@@ -131,12 +131,7 @@ class MiniOmni2Processor(ProcessorMixin):
             image_processor=image_processor,
             feature_extractor=feature_extractor or WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins),
             tokenizer=tokenizer,
-            text_vocab_size=config.text_vocab_size,
-            num_text_special_tokens=config.num_text_special_tokens,
-            audio_codebook_size=config.audio_codebook_size,
-            audio_vocab_size=config.audio_vocab_size,
-            num_audio_layers=config.num_audio_layers,
-            num_image_tokens=config.num_image_tokens,
+            **config.token_layout.sizes(),
             max_audio_frames=config.max_audio_frames,
             model_max_length=config.text_config.max_position_embeddings,
             has_vision=config.has_vision,
@@ -144,14 +139,7 @@ class MiniOmni2Processor(ProcessorMixin):
 
     @property
     def layout(self) -> TokenLayout:
-        return TokenLayout(
-            text_vocab_size=self.text_vocab_size,
-            num_text_special_tokens=self.num_text_special_tokens,
-            audio_codebook_size=self.audio_codebook_size,
-            audio_vocab_size=self.audio_vocab_size,
-            num_audio_layers=self.num_audio_layers,
-            num_image_tokens=self.num_image_tokens,
-        )
+        return TokenLayout.of(self)
 
     # ----- requests ------------------------------------------------------------------------------------
     @staticmethod
@@ -288,8 +276,7 @@ class MiniOmni2Processor(ProcessorMixin):
         """Left-pad prompts to one length: pad ids (``pad_a`` per layer, ``pad_t``), mask 0, no features."""
         layout = self.layout
         length = max(len(r) for r in rows)
-        pad_ids = [layout.layershift(layout.pad_a, i) for i in range(layout.num_audio_layers)] + [layout.pad_t]
-        input_ids = torch.tensor(pad_ids, dtype=torch.long)[None, :, None].repeat(len(rows), 1, length)
+        input_ids = layout.pad_ids()[None, :, None].repeat(len(rows), 1, length)
         attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
         audio_mask = torch.zeros(len(rows), length, dtype=torch.bool)
         image_mask = torch.zeros(len(rows), length, dtype=torch.bool)

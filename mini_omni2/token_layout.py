@@ -7,8 +7,8 @@ models can shrink them while keeping the same rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
 
 import torch
 
@@ -92,6 +92,15 @@ class TokenLayout:
             raise ValueError("num_text_special_tokens must leave room for the text specials")
         if self.num_text_special_tokens >= self.text_vocab_size:
             raise ValueError("text_vocab_size must be larger than num_text_special_tokens")
+
+    @classmethod
+    def of(cls, owner: Any) -> "TokenLayout":
+        """The layout whose sizes are ``owner``'s attributes of the same names (a config or a processor)."""
+        return cls(**{name: getattr(owner, name) for name in asdict(cls())})
+
+    def sizes(self) -> dict[str, int]:
+        """The sizes as keyword arguments (for a config or a processor)."""
+        return asdict(self)
 
     # ----- sizes ---------------------------------------------------------------------------------------
     @property
@@ -180,6 +189,11 @@ class TokenLayout:
         """Per-stream offset from local to global ids, shape (8,): audio layers then 0 for the text stream."""
         offsets = [self.audio_offset(i) for i in range(self.num_audio_layers)] + [0]
         return torch.tensor(offsets, dtype=torch.long, device=device)
+
+    def pad_ids(self, device: torch.device | None = None) -> torch.Tensor:
+        """Global id each stream is padded with, shape (8,): ``pad_a`` of every audio layer, then ``pad_t``."""
+        local = torch.tensor([self.pad_a] * self.num_audio_layers + [self.pad_t], dtype=torch.long, device=device)
+        return local + self.stream_offsets(device)
 
     def stream_vocab_sizes(self) -> list[int]:
         """Number of logit columns each stream samples from: 7 x audio vocab, then the text vocab."""

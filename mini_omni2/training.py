@@ -90,11 +90,6 @@ def build_training_row(
     return TrainingRow(input_ids, labels, prompt.audio_positions, prompt.image_positions, len(prompt))
 
 
-def pad_ids(layout: TokenLayout) -> list[int]:
-    """The id each stream is padded with: ``pad_a`` of every audio layer, then ``pad_t``."""
-    return [layout.layershift(layout.pad_a, i) for i in range(layout.num_audio_layers)] + [layout.pad_t]
-
-
 # ----- the collator ----------------------------------------------------------------------------------------------
 class MiniOmni2DataCollator:
     """Examples -> a training batch for :class:`~mini_omni2.MiniOmni2ForConditionalGeneration`.
@@ -172,7 +167,7 @@ class MiniOmni2DataCollator:
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = len(rows)
-        input_ids = torch.tensor(pad_ids(layout), dtype=torch.long)[None, :, None].repeat(batch, 1, length)
+        input_ids = layout.pad_ids()[None, :, None].repeat(batch, 1, length)
         labels = torch.full((batch, layout.num_streams, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros(batch, length, dtype=torch.long)
         audio_mask = torch.zeros(batch, length, dtype=torch.bool)
@@ -416,7 +411,6 @@ __all__ = [
     "IGNORE_INDEX",
     "TrainingRow",
     "build_training_row",
-    "pad_ids",
     "MiniOmni2DataCollator",
     "PARTS",
     "STAGE_PARTS",

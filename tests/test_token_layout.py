@@ -19,6 +19,16 @@ def test_release_vocabulary_numbers():
     assert R.audio_special("split") == 4100
     assert R.layershift(5, 3) == 5 + 152000 + 4160 * 3
     assert R.stream_offsets().tolist() == [152000 + 4160 * i for i in range(7)] + [0]
+    assert R.pad_ids().tolist() == [4097 + 152000 + 4160 * i for i in range(7)] + [151937]
+
+
+def test_layout_sizes_round_trip_through_a_config_and_a_processor():
+    from mini_omni2.tiny import tiny_config
+
+    config = tiny_config()
+    layout = config.token_layout
+    assert layout.sizes()["text_vocab_size"] == 512 and layout.sizes()["audio_vocab_size"] == 128
+    assert TokenLayout.of(config) == layout == TokenLayout(**layout.sizes())
 
 
 def test_split_logits_slices_the_head():
