@@ -136,17 +136,21 @@ def prompt_batch(layout, tasks: list[str], inputs):
     return kwargs, [RELEASE_TASK[t] for t in tasks], has_audio, has_image
 
 
-def reference_logits(original: Original, kwargs, release_tasks, has_audio, has_image, inputs):
+def reference_prompt_embeds(original: Original, kwargs, release_tasks, has_audio, has_image, inputs):
+    """The original model's embeddings of the prompt rows, features placed as the release does."""
     audio, image = original.features(inputs["mel"] if has_audio else None, inputs["pixels"] if has_image else None)
     n = kwargs["input_ids"].shape[0]
-    x = original.gpt.embed(
+    return original.gpt.embed(
         kwargs["input_ids"].permute(1, 0, 2).clone(),
         release_tasks,
         [audio[0]] * n if audio is not None else None,
         [NUM_FRAMES] * n,
         [image[0]] * n if image is not None else None,
     )
-    return original.gpt.forward(x)
+
+
+def reference_logits(original: Original, kwargs, release_tasks, has_audio, has_image, inputs):
+    return original.gpt.forward(reference_prompt_embeds(original, kwargs, release_tasks, has_audio, has_image, inputs))
 
 
 CASES = [
@@ -244,18 +248,11 @@ def model_stepper(model, kwargs):
 
 def reference_stepper(original, kwargs, release_tasks, has_audio, has_image, inputs):
     cache: list = []
-    audio, image = original.features(inputs["mel"] if has_audio else None, inputs["pixels"] if has_image else None)
-    n = kwargs["input_ids"].shape[0]
+    prompt = reference_prompt_embeds(original, kwargs, release_tasks, has_audio, has_image, inputs)
 
     def step(new_ids):
         if new_ids is None:
-            x = original.gpt.embed(
-                kwargs["input_ids"].permute(1, 0, 2).clone(),
-                release_tasks,
-                [audio[0]] * n if audio is not None else None,
-                [NUM_FRAMES] * n,
-                [image[0]] * n if image is not None else None,
-            )
+            x = prompt
         else:
             x = original.gpt.embed(new_ids.permute(1, 0, 2))
         return original.gpt.forward(x, cache)[:, -1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,6 @@ from mini_omni2.training import MiniOmni2DataCollator
 
 from conftest import color_image, sine
 
-datasets = pytest.importorskip("datasets")
 
 
 def codes(frames: int, seed: int, codebook: int = 64) -> list[list[int]]:

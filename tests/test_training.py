@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,6 @@ from transformers import Trainer, WhisperFeatureExtractor
 
 from mini_omni2 import MiniOmni2ForConditionalGeneration, MiniOmni2Processor
 from mini_omni2.data import MiniOmni2Preprocessor
-from mini_omni2.generation_mini_omni2 import MiniOmni2GenerationMixin
 from mini_omni2.tiny import tiny_config, tiny_model, tiny_tokenizer
 from mini_omni2.token_layout import OUTPUT_SPEECH, TASKS
 from mini_omni2.training import (
@@ -25,15 +25,12 @@ from mini_omni2.training import (
     build_training_row,
     configure_stage,
     load_lora,
-    pad_ids,
     parameter_counts,
     training_arguments,
 )
 
 from conftest import color_image, sine
 
-datasets = pytest.importorskip("datasets")
-peft = pytest.importorskip("peft")
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -161,10 +158,6 @@ def reference_decode(model, processor, example: dict, batch_parallel: bool, max_
     return text, frames
 
 
-def has_generate() -> bool:
-    return "generate" in MiniOmni2GenerationMixin.__dict__
-
-
 def generate_answer(model, processor, example: dict, batch_parallel: bool):
     """The package's generate (issue 3), greedy: (text ids, frames or None)."""
     kwargs = {"task": example["task"]}
@@ -245,7 +238,7 @@ def test_collator_batch(small_processor, padding_side):
     assert batch["input_ids"].shape[:2] == (n, 8) and batch["input_ids"].shape[2] % 8 == 0
     assert batch["labels"].shape == batch["input_ids"].shape
     seq = batch["input_ids"].shape[2]
-    pads = torch.tensor(pad_ids(layout))
+    pads = layout.pad_ids()
     audio_rows = [k for k, e in enumerate(examples) if e.get("audio")]
     assert batch["input_features"].shape == (len(audio_rows), 80, 100)
     assert batch["pixel_values"].shape == (1, 3, 224, 224)
@@ -323,31 +316,28 @@ def test_training_reaches_a_near_zero_loss(trained, small_processor):
     assert_teacher_forced_argmax_is_the_labels(model, batch)
 
 
-@pytest.mark.parametrize("batch_parallel", [True, False])
-def test_trained_answers_are_decoded_back(trained, small_processor, batch_parallel):
-    model, examples = trained
+def assert_decodes_the_trained_answers(decode, model, processor, examples, batch_parallel: bool) -> None:
+    """``decode(model, processor, example, batch_parallel)`` gives back every example's text and frames exactly."""
     for example in examples:
-        text, frames = reference_decode(model, small_processor, example, batch_parallel)
-        expected_text, expected_frames = expected_answer(small_processor, example)
-        assert text == expected_text, example["task"]
-        if expected_frames is None:
-            assert frames is None
-        else:
-            assert torch.equal(frames, expected_frames), example["task"]
-
-
-@pytest.mark.skipif(not has_generate(), reason="generate (issue 3) is not in this tree yet")
-@pytest.mark.parametrize("batch_parallel", [True, False])
-def test_generate_reproduces_the_trained_answers(trained, small_processor, batch_parallel):
-    model, examples = trained
-    for example in examples:
-        text, frames = generate_answer(model, small_processor, example, batch_parallel)
-        expected_text, expected_frames = expected_answer(small_processor, example)
+        text, frames = decode(model, processor, example, batch_parallel)
+        expected_text, expected_frames = expected_answer(processor, example)
         assert text == expected_text, example["task"]
         if expected_frames is None:
             assert frames is None
         else:
             assert torch.equal(frames.cpu(), expected_frames), example["task"]
+
+
+@pytest.mark.parametrize("batch_parallel", [True, False])
+def test_trained_answers_are_decoded_back(trained, small_processor, batch_parallel):
+    model, examples = trained
+    assert_decodes_the_trained_answers(reference_decode, model, small_processor, examples, batch_parallel)
+
+
+@pytest.mark.parametrize("batch_parallel", [True, False])
+def test_generate_reproduces_the_trained_answers(trained, small_processor, batch_parallel):
+    model, examples = trained
+    assert_decodes_the_trained_answers(generate_answer, model, small_processor, examples, batch_parallel)
 
 
 # ----- LoRA ------------------------------------------------------------------------------------------------------------
@@ -407,18 +397,8 @@ def test_lora_round_trip_save_load_merge(lora_trained, small_processor):
     assert torch.allclose(loaded_out.logits, trained_logits, atol=1e-5)
     assert loaded_out.loss.item() < 0.1, loaded_out.stream_losses
     assert_teacher_forced_argmax_is_the_labels(loaded, batch)
-    for example in examples:
-        text, frames = reference_decode(loaded, small_processor, example, batch_parallel=True)
-        expected_text, expected_frames = expected_answer(small_processor, example)
-        assert text == expected_text
-        assert (frames is None) == (expected_frames is None)
-        if frames is not None:
-            assert torch.equal(frames, expected_frames)
-        if has_generate():
-            gen_text, gen_frames = generate_answer(loaded, small_processor, example, batch_parallel=True)
-            assert gen_text == expected_text
-            if expected_frames is not None:
-                assert torch.equal(gen_frames.cpu(), expected_frames)
+    for decode in (reference_decode, generate_answer):
+        assert_decodes_the_trained_answers(decode, loaded, small_processor, examples, batch_parallel=True)
 
     merged = loaded.merge_and_unload()
     assert isinstance(merged, MiniOmni2ForConditionalGeneration)
