@@ -98,16 +98,9 @@ def codec_receptive_field(codec: Any) -> int:
     return int(math.ceil(reach))
 
 
-def samples_per_frame(codec: Any) -> int:
-    """Waveform samples of one frame (2,048 for SNAC 24 kHz)."""
-    if hasattr(codec, "samples_per_frame"):
-        return int(codec.samples_per_frame)
-    return int(codec.hop_length) * int(codec.vq_strides[0])
-
-
 def default_context_frames(codec: Any) -> int:
     """Frames of context on each side for a chunked decode to equal the one-shot decode (3 for SNAC 24 kHz)."""
-    return int(math.ceil(codec_receptive_field(codec) / samples_per_frame(codec)))
+    return int(math.ceil(codec_receptive_field(codec) / codec.samples_per_frame))
 
 
 class _Request:
@@ -353,7 +346,7 @@ class MiniOmni2Streamer(BaseStreamer):
             windows[job] = (low, high)
         audio: dict[tuple[int, int, int], torch.Tensor] = {}
         if self.codec is not None:
-            spf = samples_per_frame(self.codec)
+            spf = self.codec.samples_per_frame
             groups: dict[tuple[int, int, int], list] = {}
             for job, (low, high) in windows.items():
                 r, start, stop = job
@@ -431,6 +424,5 @@ __all__ = [
     "MiniOmni2IteratorStreamer",
     "codec_receptive_field",
     "default_context_frames",
-    "samples_per_frame",
     "CHUNK_MODES",
 ]

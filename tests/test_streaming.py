@@ -122,9 +122,10 @@ def test_receptive_field_of_the_codec(model):
     measured = max(8 * spf - int(diff.min()), int(diff.max()) + 1 - 9 * spf)
     assert 2 * spf < measured <= reach < 3 * spf
     # the released 24 kHz codec has the same kernels, strides and dilations: the same reach
-    from snac import SNAC
+    from mini_omni2.modeling_mini_omni2 import MiniOmni2Codec
+    from mini_omni2.token_layout import TokenLayout
 
-    real = SNAC(**SNAC_24KHZ)
+    real = MiniOmni2Codec(SNAC_24KHZ, TokenLayout())
     assert codec_receptive_field(real) == reach
     assert default_context_frames(real) == 3
 
