@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -94,7 +95,17 @@ def run_chat(args: argparse.Namespace) -> int:
             flush=True,
         )
     log(f"loading {args.model} ...")
-    model, processor = load(args.model, args.device, args.dtype)
+    try:
+        model, processor = load(args.model, args.device, args.dtype)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot load {args.model!r}: {error}", file=sys.stderr)
+        if os.path.isfile(os.path.join(args.model, "lit_model.pth")):
+            print(
+                f"hint: {args.model} is an original release; convert it first: "
+                f"mini-omni2 convert --source {args.model} --output {args.model.rstrip('/')}-hf",
+                file=sys.stderr,
+            )
+        return 2
     device = next(model.parameters()).device
     try:
         inputs = processor(text=args.text, audio=args.audio, images=args.image, output=args.output)

@@ -60,3 +60,16 @@ def test_quickstart_example_streams_a_wav(tmp_path, capsys):
     assert "RANDOM weights" in capsys.readouterr().out
     audio, rate = soundfile.read(str(out))
     assert rate == 24000 and len(audio) == (20 - 7) * 2048  # every frame after the 7-step delay, streamed
+
+
+def test_chat_with_a_model_it_cannot_load_says_so(tmp_path, capsys):
+    release = tmp_path / "mini-omni2-release"
+    release.mkdir()
+    (release / "lit_model.pth").write_bytes(b"")
+    code = main(["chat", "--model", str(release), "--text", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: cannot load {str(release)!r}" in err
+    assert "mini-omni2 convert --source" in err
+    assert main(["chat", "--model", str(tmp_path / "missing"), "--text", "hi"]) == 2
+    assert "error: cannot load" in capsys.readouterr().err
