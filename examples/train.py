@@ -93,7 +93,7 @@ def build_dataset(args, model, processor, tasks):
     """The training set (``--train-file`` or synthetic examples of ``tasks``), preprocessed with ``datasets``."""
     import datasets
 
-    from mini_omni2.data import MiniOmni2Preprocessor, synthetic_examples
+    from mini_omni2.training.data import MiniOmni2Preprocessor, synthetic_examples
 
     if args.train_file:
         raw = datasets.load_dataset("json", data_files=args.train_file, split="train")

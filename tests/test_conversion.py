@@ -1,7 +1,7 @@
 """Conversion of the original releases (issue 4): exactness against the original math, strictness, Hub readiness.
 
 Synthetic checkpoints in the ORIGINAL formats (tests/original_checkpoints.py) are converted with
-:func:`mini_omni2.convert.convert_checkpoint`; the converted model must reproduce a plain re-implementation of the
+:func:`mini_omni2.conversion.convert.convert_checkpoint`; the converted model must reproduce a plain re-implementation of the
 original forward (tests/original_reference.py) computed from the original state dicts.
 """
 
@@ -23,8 +23,8 @@ import yaml
 import original_checkpoints as oc
 import original_reference as ref
 from mini_omni2 import MiniOmni2ForConditionalGeneration
-from mini_omni2.conversion_mapping import LITGPT_DEFAULTS, ConversionError, litgpt_config
-from mini_omni2.convert import (
+from mini_omni2.conversion.mapping import LITGPT_DEFAULTS, ConversionError, litgpt_config
+from mini_omni2.conversion.convert import (
     add_convert_arguments,
     convert_checkpoint,
     convert_state,
@@ -526,7 +526,7 @@ def test_release_sizes_give_the_default_config():
     """The release's sizes (SPEC §1, §8) map onto this package's default MiniOmni2Config (built from shapes only)."""
     from mini_omni2 import MiniOmni2Config
     from mini_omni2.configuration_mini_omni2 import SNAC_24KHZ
-    from mini_omni2.conversion_mapping import build_config, clip_config, snac_config, whisper_config
+    from mini_omni2.conversion.mapping import build_config, clip_config, snac_config, whisper_config
 
     lit_yaml = dict(oc.release_yaml(vision=True), n_embd=896, n_layer=24, n_head=14, n_query_groups=2, head_size=64,
                     intermediate_size=4864, padded_vocab_size=181120, text_vocab_size=152000, audio_vocab_size=4160,

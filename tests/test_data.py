@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mini_omni2.data import (
+from mini_omni2.training.data import (
     PROCESSED_FIELDS,
     MiniOmni2Preprocessor,
     encode_answer_audio,

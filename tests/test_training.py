@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer, WhisperFeatureExtractor
 
 from mini_omni2 import MiniOmni2ForConditionalGeneration, MiniOmni2Processor
-from mini_omni2.data import MiniOmni2Preprocessor
+from mini_omni2.training.data import MiniOmni2Preprocessor
 from mini_omni2.tiny import tiny_config, tiny_model, tiny_tokenizer
 from mini_omni2.token_layout import OUTPUT_SPEECH, TASKS
 from mini_omni2.training import (

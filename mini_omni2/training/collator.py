@@ -1,7 +1,7 @@
 """Training Mini-Omni2: the data collator, the three training stages (SPEC §9) and LoRA helpers.
 
 - :class:`MiniOmni2DataCollator` turns examples (``docs/training.md``; raw or preprocessed by
-  :mod:`mini_omni2.data`) into ``input_ids``/``labels`` of shape (batch, 8, seq) plus the feature inputs. A row is
+  :mod:`mini_omni2.training.data`) into ``input_ids``/``labels`` of shape (batch, 8, seq) plus the feature inputs. A row is
   the prompt of :meth:`TokenLayout.build_prompt` followed by the answer streams of
   :meth:`TokenLayout.delay_answer`; labels are the same ids where the answer is learned and -100 elsewhere, so
   that the targets are exactly what delayed parallel decoding (SPEC §6) generates and feeds back.
@@ -20,9 +20,9 @@ import torch
 from transformers.utils import logging
 
 from .data import _codec_of, _present, prepare_example
-from .modeling_mini_omni2 import IGNORE_INDEX
-from .processing_mini_omni2 import SAMPLING_RATE, load_image
-from .token_layout import OUTPUT_SPEECH, TASKS, TokenLayout
+from ..modeling_mini_omni2 import IGNORE_INDEX
+from ..processing_mini_omni2 import SAMPLING_RATE, load_image
+from ..token_layout import OUTPUT_SPEECH, TASKS, TokenLayout
 
 logger = logging.get_logger(__name__)
 

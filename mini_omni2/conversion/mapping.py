@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .configuration_mini_omni2 import MiniOmni2Config
+from ..configuration_mini_omni2 import MiniOmni2Config
 
 #: Text specials after the Qwen2 vocabulary: a fixed fact of the release (151,936 + 64 = 152,000), not in its yaml.
 RELEASE_NUM_TEXT_SPECIAL_TOKENS = 64

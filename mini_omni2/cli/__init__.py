@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     from .chat import add_chat_arguments
-    from .convert import add_convert_arguments
+    from ..conversion.convert import add_convert_arguments
 
     add_chat_arguments(commands.add_parser("chat", help="answer a spoken, written or visual prompt"))
     add_convert_arguments(commands.add_parser("convert", help="convert an original checkpoint into a Hub folder"))
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         from .chat import run_chat
 
         return run_chat(args) or 0
-    from .convert import run_convert
+    from ..conversion.convert import run_convert
 
     return run_convert(args) or 0
 

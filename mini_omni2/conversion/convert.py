@@ -6,7 +6,7 @@ Mini-Omni2 only), the Qwen2 tokenizer files and the SNAC 24 kHz codec (its own r
 :class:`~mini_omni2.MiniOmni2ForConditionalGeneration` and writes sharded safetensors, ``config.json`` with
 ``auto_map`` and the code files, ``generation_config.json`` with the release's sampling, the processor and tokenizer,
 and a model card. The mapping is strict: any missing, unused or mis-shaped tensor ends in one
-:class:`~mini_omni2.conversion_mapping.ConversionError` that lists them all. See ``docs/conversion.md``.
+:class:`~mini_omni2.conversion.mapping.ConversionError` that lists them all. See ``docs/conversion.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .conversion_mapping import (
+from .mapping import (
     CLIP,
     LIT,
     SNAC,
@@ -54,7 +54,7 @@ SNAC_FILES = ["config.json", "pytorch_model.bin"]
 RELEASE_SAMPLING = dict(do_sample=True, temperature=0.9, top_k=1, top_p=1.0)
 
 #: Where the model cards live in a source checkout; the card of the converted family is copied into the output.
-MODEL_CARDS = Path(__file__).resolve().parent.parent / "model_cards"  # a source checkout or editable install
+MODEL_CARDS = Path(__file__).resolve().parents[2] / "model_cards"  # a source checkout or editable install
 INSTALLED_MODEL_CARDS = Path(sys.prefix) / "share" / "mini_omni2" / "model_cards"  # setup.py data_files
 REPO_ID_PLACEHOLDER = "<repo_id>"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -221,7 +221,7 @@ def build_empty_model(config):
     """The model with uninitialised weights (every tensor is overwritten by the conversion)."""
     from transformers.initialization import no_init_weights
 
-    from .modeling_mini_omni2 import MiniOmni2ForConditionalGeneration
+    from ..modeling_mini_omni2 import MiniOmni2ForConditionalGeneration
 
     with no_init_weights():
         model = MiniOmni2ForConditionalGeneration(config)
@@ -238,7 +238,7 @@ def _load_into(model, target: dict[str, torch.Tensor], progress: bool) -> None:
 def _release_generation_config():
     """The release's sampling (SPEC §6), as generate (issue 3) defines it when available."""
     try:
-        from .generation_mini_omni2 import release_generation_config
+        from ..generation_mini_omni2 import release_generation_config
     except ImportError:
         from transformers import GenerationConfig
 
@@ -324,8 +324,8 @@ def convert_checkpoint(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    from . import register
-    from .processing_mini_omni2 import MiniOmni2Processor
+    from .. import register
+    from ..processing_mini_omni2 import MiniOmni2Processor
 
     register()
     output = Path(output)

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from .streaming_mini_omni2 import MiniOmni2Streamer, StreamEvent
-from .token_layout import OUTPUTS, OUTPUT_SPEECH
+from ..streaming_mini_omni2 import MiniOmni2Streamer, StreamEvent
+from ..token_layout import OUTPUTS, OUTPUT_SPEECH
 
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_MAX_NEW_TOKENS = 128
@@ -66,12 +66,12 @@ class _PrintingStreamer(MiniOmni2Streamer):
 def load(model_id: str, device: str | None = None, dtype: str | None = None):
     """Model and processor: the random tiny ones for ``tiny-random``, else ``from_pretrained``."""
     if model_id == TINY_RANDOM:
-        from .tiny import tiny_model, tiny_processor
+        from ..tiny import tiny_model, tiny_processor
 
         model, processor = tiny_model(), tiny_processor()
     else:
-        from .modeling_mini_omni2 import MiniOmni2ForConditionalGeneration
-        from .processing_mini_omni2 import MiniOmni2Processor
+        from ..modeling_mini_omni2 import MiniOmni2ForConditionalGeneration
+        from ..processing_mini_omni2 import MiniOmni2Processor
 
         kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
         model = MiniOmni2ForConditionalGeneration.from_pretrained(model_id, **kwargs)

@@ -32,8 +32,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .processing_mini_omni2 import SAMPLING_RATE, load_audio, load_image, num_audio_frames
-from .token_layout import OUTPUT_SPEECH, OUTPUTS, TASKS, task_name
+from ..processing_mini_omni2 import SAMPLING_RATE, load_audio, load_image, num_audio_frames
+from ..token_layout import OUTPUT_SPEECH, OUTPUTS, TASKS, task_name
 
 #: Raw input fields of the example format.
 RAW_FIELDS = (
@@ -368,7 +368,7 @@ class MiniOmni2Preprocessor:
         codec_state = state.pop("_codec_state", None)
         self.__dict__.update(state)
         if codec_state is not None:
-            from .modeling_mini_omni2 import MiniOmni2Codec
+            from ..modeling_mini_omni2 import MiniOmni2Codec
 
             codec = MiniOmni2Codec(self._codec_config, self.processor.layout)
             codec.load_state_dict(codec_state)
