@@ -377,6 +377,22 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
     def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
         return self.model.get_audio_features(input_features)
 
+    def sliced_head(
+        self, hidden: torch.Tensor, text_rows: torch.LongTensor | None, audio_rows: torch.LongTensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's text columns for the rows ``text_rows`` and its audio columns for ``audio_rows`` of ``hidden``
+        (batch, seq, hidden): (n_text, seq, text_vocab) and (n_audio, 7, seq, audio_vocab). A speech row needs only
+        the 29,120 audio columns, a text row only the 152,000 text columns (SPEC §2): the rest is never computed."""
+        layout = self.layout
+        weight = self.lm_head.weight
+        empty = torch.zeros(0, dtype=torch.long, device=hidden.device)
+        text_rows = empty if text_rows is None else text_rows.to(hidden.device)
+        audio_rows = empty if audio_rows is None else audio_rows.to(hidden.device)
+        text_logits = F.linear(hidden[text_rows], weight[: layout.text_vocab_size])
+        audio_logits = F.linear(hidden[audio_rows], weight[layout.text_vocab_size : layout.total_vocab_size])
+        audio_logits = audio_logits.unflatten(-1, (layout.num_audio_layers, layout.audio_vocab_size)).transpose(1, 2)
+        return text_logits, audio_logits
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
 
@@ -395,6 +411,8 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        text_logits_rows: torch.LongTensor | None = None,
+        audio_logits_rows: torch.LongTensor | None = None,
         **kwargs,
     ) -> MiniOmni2CausalLMOutputWithPast:
         r"""
@@ -404,6 +422,11 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         pixel_values (`torch.FloatTensor` of shape `(n_images, 3, 224, 224)`): each image, in row order.
         image_feature_mask (`torch.BoolTensor` of shape `(batch, seq)`): positions that take the 50 CLIP tokens.
         labels (`torch.LongTensor` of shape `(batch, 8, seq)`): targets in input-id space, -100 ignored.
+        text_logits_rows, audio_logits_rows (`torch.LongTensor` of shape `(n,)`): the sliced head used by the decoding
+            engine: when either is given, only the text columns of the rows `text_logits_rows` and the audio columns
+            of the rows `audio_logits_rows` are computed; `logits` is then `None`, `text_logits` has shape
+            `(len(text_logits_rows), kept, text_vocab)` and `audio_logits` `(len(audio_logits_rows), 7, kept,
+            audio_vocab)`, in the order of the indices.
         """
         kwargs.pop("num_items_in_batch", None)  # each stream's loss is a mean over its own targets (SPEC §9)
         outputs = self.model(
@@ -423,6 +446,17 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        if text_logits_rows is not None or audio_logits_rows is not None:
+            if labels is not None:
+                raise ValueError("labels need the full head; do not pass text_logits_rows / audio_logits_rows")
+            text_logits, audio_logits = self.sliced_head(hidden, text_logits_rows, audio_logits_rows)
+            return MiniOmni2CausalLMOutputWithPast(
+                text_logits=text_logits,
+                audio_logits=audio_logits,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+            )
         logits = self.lm_head(hidden)
         text_logits, audio_logits = self.layout.split_logits(logits)
         loss = stream_losses = None

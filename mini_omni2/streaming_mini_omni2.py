@@ -41,11 +41,14 @@ class StreamStep:
         kept: (N,) whether the step belongs to the request's answer (False once it finished, and for the step whose
             layer-7 ``eoa`` / text-row ``eot`` stopped it).
         finished: (N,) whether the request is finished after this step.
+        cancelled: (N,) whether the request was cancelled at this step: its stream ends without the audio that was
+            still waiting for its lookahead (nothing generated after a cancel or an interruption is streamed).
     """
 
     tokens: torch.Tensor
     kept: torch.Tensor | None = None
     finished: torch.Tensor | None = None
+    cancelled: torch.Tensor | None = None
 
 
 @dataclass
@@ -225,6 +228,7 @@ class MiniOmni2Streamer(BaseStreamer):
             raise ValueError(f"expected tokens of shape {expected}, got {tuple(tokens.shape)}")
         kept = [True] * len(self.requests) if value.kept is None else value.kept.cpu().tolist()
         finished = [False] * len(self.requests) if value.finished is None else value.finished.cpu().tolist()
+        cancelled = [False] * len(self.requests) if value.cancelled is None else value.cancelled.cpu().tolist()
         offsets = self.layout.stream_offsets()
         local = (tokens - offsets).tolist()
         jobs: list[tuple[int, int, int]] = []
@@ -240,7 +244,7 @@ class MiniOmni2Streamer(BaseStreamer):
                     self._new_frames(request)
                     jobs += self._plan_chunks(r, request, final=False)
             if finished[r]:
-                jobs += self._close(r, request)
+                jobs += self._close(r, request, flush_audio=not cancelled[r])
                 finishing.append(r)
         self._run_chunks(jobs)
         for r in finishing:
@@ -366,15 +370,17 @@ class MiniOmni2Streamer(BaseStreamer):
                 StreamEvent(request=r, audio=audio.get(job), frames=frames, frame_start=start, sampling_rate=rate)
             )
 
-    def _close(self, r: int, request: _Request) -> list[tuple[int, int, int]]:
-        """Finish a request: its text remainder now, its last chunks to decode."""
+    def _close(self, r: int, request: _Request, flush_audio: bool = True) -> list[tuple[int, int, int]]:
+        """Finish a request: its text remainder now, its last chunks to decode (none when it was cancelled)."""
         if self.tokenizer is not None and request.token_ids:
             decoded = self.tokenizer.decode(request.token_ids, **self.decode_kwargs)
             if len(decoded) > request.printed:
                 self.on_event(StreamEvent(request=r, text=decoded[request.printed :]))
                 request.printed = len(decoded)
         request.finished = True
-        return self._plan_chunks(r, request, final=True) if request.layers is not None else []
+        if request.layers is None or not flush_audio:
+            return []
+        return self._plan_chunks(r, request, final=True)
 
 
 class MiniOmni2IteratorStreamer(MiniOmni2Streamer):
