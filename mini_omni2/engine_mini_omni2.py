@@ -236,10 +236,20 @@ class DecodeSettings:
     def __post_init__(self) -> None:
         if self.audio is None:
             self.audio = self.text
+        self.logits_processor = _as_list(self.logits_processor, LogitsProcessorList)
+        self.audio_logits_processor = _as_list(self.audio_logits_processor, LogitsProcessorList)
+        self.stopping_criteria = _as_list(self.stopping_criteria, StoppingCriteriaList)
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if int(self.min_new_tokens) < 0:
             raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+
+
+def _as_list(value, cls):
+    """``None``, one processor / criterion, or a list of them -> ``cls`` (``LogitsProcessorList`` ...) or None."""
+    if value is None or isinstance(value, cls):
+        return value
+    return cls(value if isinstance(value, (list, tuple)) else [value])
 
 
 # ----------------------------------------------------------------------------------------------------------------

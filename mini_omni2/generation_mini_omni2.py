@@ -12,13 +12,12 @@ This file is shipped as remote code with saved models: it imports only torch, tr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from typing import Any
 
 import torch
 from transformers import GenerationConfig
-from transformers.generation.logits_process import LogitsProcessorList
-from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .engine_mini_omni2 import (
@@ -64,14 +63,6 @@ def release_generation_config(**overrides: Any) -> GenerationConfig:
     values = dict(RELEASE_SAMPLING, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     values.update(overrides)
     return GenerationConfig(**values)
-
-
-def _as_list(value, cls):
-    if value is None:
-        return None
-    if isinstance(value, cls):
-        return value
-    return cls(value if isinstance(value, (list, tuple)) else [value])
 
 
 class MiniOmni2GenerationMixin:
@@ -154,9 +145,10 @@ class MiniOmni2GenerationMixin:
                 raise ValueError("audio_lengths disagree with the number of audio positions per row")
 
         settings, options = self._generation_settings(generation_config, kwargs, prompt_len)
-        settings.batch_parallel = batch_parallel
-        settings.logits_processor = _as_list(logits_processor, LogitsProcessorList)
-        settings.stopping_criteria = _as_list(stopping_criteria, StoppingCriteriaList)
+        settings = dataclasses.replace(
+            settings, batch_parallel=batch_parallel, logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+        )
         static = options["cache_implementation"] == "static"
         if static and prompt_len + settings.max_new_tokens > self.config.text_config.max_position_embeddings:
             raise ValueError(
@@ -220,7 +212,7 @@ class MiniOmni2GenerationMixin:
             max_new_tokens=int(max_new),
             min_new_tokens=int(pick("min_new_tokens", 0)),
             generator=kwargs.get("generator"),
-            audio_logits_processor=_as_list(kwargs.get("audio_logits_processor"), LogitsProcessorList),
+            audio_logits_processor=kwargs.get("audio_logits_processor"),
             force_delay_pad=bool(kwargs.get("force_delay_pad", False)),
         )
         cache_impl = pick("cache_implementation", "dynamic")
