@@ -1,0 +1,269 @@
+"""The engine worker: one thread that owns the decoding engine and serves requests from other threads.
+
+The HTTP/WebSocket handlers run in an asyncio loop; decoding runs here, in one background thread, so that every
+request in flight shares each decoding step (continuous batching). Submissions and cancellations cross over through
+a lock-protected inbox; events go back through each job's ``on_event`` callback (called from the worker thread: the
+server turns it into ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..engine_mini_omni2 import DecodeGroup, DecodeSettings, MiniOmni2Engine
+from ..streaming_mini_omni2 import MiniOmni2Streamer, StreamEvent
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The worker's queue of waiting requests is full (the server answers 429)."""
+
+
+class WorkerStopped(RuntimeError):
+    """The worker is shutting down and takes no new requests (the server answers 503)."""
+
+
+@dataclass
+class JobDone:
+    """The last event of a job.
+
+    Args:
+        finish_reason: ``"eoa"``, ``"eot"``, ``"length"``, ``"stopping_criteria"``, ``"cancelled"`` or ``"error"``.
+        prompt_tokens: prompt positions of the request (its row, without padding).
+        completion_tokens: decoding steps that belong to the answer.
+        text_ids: the answer's text token ids.
+        error: the exception when ``finish_reason == "error"``.
+    """
+
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    text_ids: list[int] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+@dataclass
+class Job:
+    """One request: its model inputs (a single request, as the processor builds it), its settings and its sink."""
+
+    inputs: dict[str, torch.Tensor]
+    settings: DecodeSettings
+    on_event: Callable[[StreamEvent | JobDone], None]
+    id: int = field(default_factory=itertools.count().__next__)
+    submitted: float = field(default_factory=time.perf_counter)
+    group: DecodeGroup | None = None
+    cancelled: bool = False
+    finished: bool = False
+
+
+class _JobStreamer(MiniOmni2Streamer):
+    """Forwards one job's stream events to its sink."""
+
+    def __init__(self, job: Job, tokenizer: Any, **kwargs: Any):
+        super().__init__(tokenizer, **kwargs)
+        self.job = job
+
+    def on_event(self, event: StreamEvent) -> None:
+        if event.final:
+            return  # the worker sends JobDone (with the usage) instead
+        self.job.on_event(event)
+
+
+class EngineWorker:
+    """Runs a :class:`MiniOmni2Engine` in a background thread for many concurrent requests.
+
+    Args:
+        model: the model (in eval mode, on its device).
+        tokenizer: decodes the text deltas (the processor or its tokenizer).
+        max_batch_rows: rows decoded per step at most (a spoken answer takes 2 with batch parallel decoding).
+        max_queue: requests waiting for a free row at most; beyond, :meth:`submit` raises :class:`QueueFull`.
+        share_twin_prefill, slice_head: engine options (both on: the fast path, same tokens).
+        codec_noise: SNAC's learned noise in the streamed audio (the release decodes with it).
+        streamer_kwargs: options of the per-request :class:`MiniOmni2Streamer` (``stream_stride`` ...).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Any = None,
+        max_batch_rows: int = 16,
+        max_queue: int = 64,
+        share_twin_prefill: bool = True,
+        slice_head: bool = True,
+        codec_noise: bool = True,
+        streamer_kwargs: dict | None = None,
+    ) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = MiniOmni2Engine(model, max_rows=max_batch_rows, slice_head=slice_head)
+        self.max_queue = max_queue
+        self.share_twin_prefill = share_twin_prefill
+        self.codec_noise = codec_noise
+        self.streamer_kwargs = streamer_kwargs or {}
+        self._inbox: list[Job] = []
+        self._cancels: list[Job] = []
+        self._jobs: list[Job] = []  # handed to the engine, not finished
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._running = False
+        self.steps = 0
+        self.last_error: BaseException | None = None
+
+    # ----- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> "EngineWorker":
+        if self._thread is not None:
+            return self
+        self._accepting = self._running = True
+        self._thread = threading.Thread(target=self._loop, name="mini-omni2-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Take no new requests; let the ones in flight finish for up to ``timeout`` seconds, then cancel them."""
+        with self._lock:
+            self._accepting = False
+            self._lock.notify_all()
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with self._lock:
+            for job in self._inbox + self._jobs:
+                job.cancelled = True
+                self._cancels.append(job)
+            self._running = False
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, timeout))
+            self._thread = None
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self._jobs)
+
+    @property
+    def queued(self) -> int:
+        """Requests not yet decoding: in the inbox or waiting in the engine for rows."""
+        with self._lock:
+            waiting = sum(1 for job in self._jobs if job.group is not None and job.group in self.engine.pending)
+            return len(self._inbox) + waiting
+
+    # ----- requests -----------------------------------------------------------------------------------------------
+    def submit(self, inputs: dict[str, torch.Tensor], settings: DecodeSettings,
+               on_event: Callable[[StreamEvent | JobDone], None]) -> Job:
+        """Queue one request (the processor's output for a single request); events go to ``on_event``."""
+        input_ids = inputs.get("input_ids")
+        if input_ids is None or input_ids.ndim != 3 or input_ids.shape[0] != 1:
+            raise ValueError("submit takes the inputs of exactly one request (input_ids of shape (1, 8, seq))")
+        job = Job(inputs=dict(inputs), settings=settings, on_event=on_event)
+        with self._lock:
+            if not self._accepting:
+                raise WorkerStopped("the server is shutting down")
+            if self.queued >= self.max_queue + self._free_rows():
+                raise QueueFull(f"{self.max_queue} requests are already waiting; try again later")
+            self._inbox.append(job)
+            self._lock.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a job (a client left, or asked): its rows leave at the next step; it gets ``JobDone("cancelled")``."""
+        with self._lock:
+            if job.finished or job.cancelled:
+                return
+            job.cancelled = True
+            self._cancels.append(job)
+            self._lock.notify_all()
+
+    def _free_rows(self) -> int:
+        rows = self.engine.max_rows
+        return 0 if rows is None else max(0, rows - self.engine.num_rows)
+
+    # ----- the thread ---------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not (self._inbox or self._cancels or self.engine.has_work()):
+                    self._lock.wait(timeout=0.5)
+                if not self._running and not self.engine.has_work() and not self._inbox:
+                    return
+                new, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+            for job in new:
+                self._start(job)
+            for job in cancels:
+                self._cancel(job)
+            if self.engine.has_work():
+                try:
+                    self.engine.step()
+                    self.steps += 1
+                except BaseException as error:  # the batch failed: its groups failed with it (engine.step)
+                    self.last_error = error
+                    logger.exception("decoding step failed")
+            self._finish_done()
+            if not self._running and not self.engine.has_work():
+                return
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled:
+            self._done(job, JobDone("cancelled"))
+            return
+        try:
+            streamer = _JobStreamer(job, self.tokenizer, **self.streamer_kwargs)
+            job.group = DecodeGroup(
+                self.model.config.token_layout, job.inputs, job.settings, streamer=streamer,
+                codec=getattr(self.model, "codec", None), share_twin_prefill=self.share_twin_prefill,
+                codec_noise=self.codec_noise,
+            )
+            self.engine.add(job.group)
+        except BaseException as error:  # a request that cannot be decoded fails alone
+            self._done(job, JobDone("error", error=error))
+            return
+        with self._lock:
+            self._jobs.append(job)
+
+    def _cancel(self, job: Job) -> None:
+        if job.group is None:
+            if not job.finished:
+                self._done(job, JobDone("cancelled"))
+            return
+        if not job.group.done:
+            self.engine.cancel(job.group)
+
+    def _finish_done(self) -> None:
+        with self._lock:
+            done = [job for job in self._jobs if job.group.done]
+            self._jobs = [job for job in self._jobs if not job.group.done]
+        for job in done:
+            group = job.group
+            if group.error is not None:
+                self._done(job, JobDone("error", error=group.error))
+                continue
+            result = group.result(decode_audio=False)
+            prompt = int(job.inputs["attention_mask"].sum()) if "attention_mask" in job.inputs else group.prompt_len
+            self._done(job, JobDone(
+                finish_reason=result.finish_reasons[0],
+                prompt_tokens=prompt,
+                completion_tokens=int(result.generated_lengths[0]),
+                text_ids=result.text_ids[0].tolist(),
+            ))
+
+    def _done(self, job: Job, event: JobDone) -> None:
+        job.finished = True
+        try:
+            job.on_event(event)
+        except BaseException:  # a sink that fails must not stop the worker
+            logger.exception("a job's event sink failed")
+
+
+__all__ = ["EngineWorker", "Job", "JobDone", "QueueFull", "WorkerStopped"]
