@@ -22,6 +22,34 @@ from .generation_mini_omni2 import MiniOmni2GenerationMixin
 from .token_layout import TokenLayout
 
 IGNORE_INDEX = -100
+#: The dtypes a model may be loaded in, by name; ``"auto"`` picks one for the hardware (:func:`resolve_dtype`).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def native_bfloat16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively: a CUDA device that supports it, or a CPU with
+    AVX512_BF16 or AMX tiles (read from torch's CPU feature checks). Elsewhere bfloat16 is emulated and slower than
+    float32 for the prefill's large products."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(check() for check in checks if check is not None)
+    return False
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """The model dtype for ``dtype``: a torch dtype or its name, or ``"auto"``/``None``: bfloat16 where the hardware
+    computes it natively (:func:`native_bfloat16`), float32 otherwise. (This is the hardware's choice, unlike
+    transformers' ``dtype="auto"`` of ``from_pretrained``, which takes the checkpoint's.) The codec stays float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 #: ``auto_map`` entries written into every saved folder, so that it loads with ``trust_remote_code=True`` alone.
 AUTO_MAP = {
@@ -481,4 +509,6 @@ __all__ = [
     "MiniOmni2ForConditionalGeneration",
     "MiniOmni2Codec",
     "MiniOmni2Adapter",
+    "native_bfloat16",
+    "resolve_dtype",
 ]
