@@ -116,7 +116,9 @@ class MiniOmni2GenerationMixin:
         `force_delay_pad` (feed `pad_a` instead of the sampled token in the delay slots, default False as in the
         release), `cache_implementation` (`"dynamic"`, default, or `"static"`), `compile_decode` (`True` or a dict of
         `torch.compile` arguments, e.g. `{"mode": "reduce-overhead"}`: compile the decoding step; implies the static
-        cache), `request_index` (from the processor: must be one row per request).
+        cache), `slice_head` (default True: compute only the head columns each row uses; same tokens),
+        `share_twin_prefill` (default False: prefill each twin from its speech row's cache; same outputs),
+        `request_index` (from the processor: must be one row per request).
         """
         unknown = set(kwargs) - _ACCEPTED_KWARGS
         if unknown:
