@@ -26,7 +26,8 @@ setup(
     extras_require={
         "train": ["peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
         "serve": ["fastapi", "uvicorn"],
-        "test": ["pytest", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
+        "int8": ["torchao"],
+        "test": ["pytest", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer", "torchao"],
     },
     # the model cards that `mini-omni2 convert` writes, for non-editable installs
     data_files=[

@@ -405,6 +405,22 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
     def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
         return self.model.get_audio_features(input_features)
 
+    def quantize_int8(self, head: bool = True) -> "MiniOmni2ForConditionalGeneration":
+        """Int8 weight-only linear layers (torchao's ``Int8WeightOnlyConfig``) for the language model, and its head
+        unless ``head=False``; activations stay in the model's dtype. The encoders, adapters and codec are untouched
+        (they run once per request, or in float32). Needs ``pip install torchao`` (the ``int8`` extra).
+
+        The weights take half the bytes of bfloat16, which is what a decoding step on a CPU is bound by; the speed
+        gain needs ``torch.compile`` of the step on CPUs (see docs/benchmarks.md)."""
+        try:
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        except ImportError as error:
+            raise ImportError("int8 weight-only layers need torchao: pip install torchao (or mini-omni2[int8])") from error
+        quantize_(self.model.language_model, Int8WeightOnlyConfig())
+        if head:
+            quantize_(self, Int8WeightOnlyConfig(), filter_fn=lambda module, name: name == "lm_head")
+        return self
+
     def sliced_head(
         self, hidden: torch.Tensor, text_rows: torch.LongTensor | None, audio_rows: torch.LongTensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -269,3 +269,21 @@ class ForceEot(LogitsProcessor):
             scores = scores.clone()
             scores[:, self.eot] = 1e4
         return scores
+
+
+def test_int8_weight_only_language_model(processor):
+    """torchao int8 weight-only layers in the language model and its head: logits stay close to bfloat16's and the
+    engine's sliced head works on the quantized head."""
+    from mini_omni2.tiny import tiny_model
+
+    model = tiny_model(seed=3).to(torch.bfloat16)
+    model.codec.float()
+    inputs = processor(text="hello world", output="speech")
+    reference = model(**{k: v for k, v in inputs.items() if k != "request_index"}).logits.float()
+    model.quantize_int8()
+    quantized = model(**{k: v for k, v in inputs.items() if k != "request_index"}).logits.float()
+    assert type(model.lm_head.weight).__name__ == "Int8Tensor"
+    relative = (quantized - reference).norm() / reference.norm()
+    assert float(relative) < 0.05
+    out = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False, codec_noise=False)
+    assert out.generated_lengths.tolist() == [10] and out.audio_frames[0].shape == (3, 7)
