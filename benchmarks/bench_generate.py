@@ -14,8 +14,13 @@ batch parallel decoding (2 rows per request). Reported:
 - RTF: wall time of the whole call / seconds of speech of one request (< 1 is faster than real time);
 - peak memory: CUDA peak allocated, or the process's peak RSS on CPU (monotonic over the run).
 
+- codec share: the part of the decoding wall time spent decoding the streamed audio (SNAC).
+
 Every request decodes exactly ``--steps`` steps (``min_new_tokens`` bans the stop tokens; random weights would stop
-anywhere). Run ``python benchmarks/bench_generate.py --help`` for the flags.
+anywhere). ``--dtype auto`` (the default) is bfloat16 where the hardware computes it natively, else float32;
+``--int8`` adds torchao int8 weight-only layers to the language model and its head; ``--compile`` compiles the
+decoding step (static cache). ``--agreement N`` instead measures how far greedy decoding in bfloat16 (and int8) stays
+from float32 over N steps. Run ``python benchmarks/bench_generate.py --help`` for the flags.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 
 from mini_omni2 import MiniOmni2Config, MiniOmni2ForConditionalGeneration, MiniOmni2Processor
+from mini_omni2.modeling_mini_omni2 import resolve_dtype
 from mini_omni2.processing_mini_omni2 import SAMPLES_PER_FRAME, SAMPLING_RATE
 from mini_omni2.streaming_mini_omni2 import MiniOmni2Streamer
 from mini_omni2.tiny import tiny_tokenizer
@@ -79,12 +85,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss_kib / 2**20
 
 
-def build(device: torch.device, dtype: torch.dtype):
+def build(device: torch.device, dtype: torch.dtype, int8: bool = False):
     config = MiniOmni2Config()  # the released sizes
     torch.manual_seed(0)
     model = MiniOmni2ForConditionalGeneration(config).to(dtype=dtype)
     model.codec.float()  # the codec stays float32, as from_pretrained keeps it
     model = model.to(device).eval()
+    if int8:
+        model.quantize_int8()
     processor = MiniOmni2Processor.from_config(config, tokenizer=tiny_tokenizer())
     return model, processor
 
@@ -117,9 +125,13 @@ def forward_only(model, rows: int, prompt_len: int, steps: int, device: torch.de
     mask = torch.ones(rows, prompt_len + steps + 1, dtype=torch.long, device=device)
     position = torch.full((rows, 1), prompt_len, dtype=torch.long, device=device)
 
+    speech_rows = torch.arange(0, rows, 2, device=device)  # as the engine asks: audio of the speech rows,
+    twin_rows = torch.arange(1, rows, 2, device=device)  # text of their twins (the sliced head)
+
     def step(t):
         return model(input_ids=ids, attention_mask=mask[:, : prompt_len + t + 1], position_ids=position + t,
-                     past_key_values=cache, use_cache=True, logits_to_keep=1)
+                     past_key_values=cache, use_cache=True, logits_to_keep=1, text_logits_rows=twin_rows,
+                     audio_logits_rows=speech_rows)
 
     step(0)  # warm-up
     if device.type == "cuda":
@@ -137,13 +149,15 @@ def forward_only(model, rows: int, prompt_len: int, steps: int, device: torch.de
     return 1.0 / statistics.median(intervals)
 
 
-def run_generate(model, inputs, steps: int, device: torch.device):
+def run_generate(model, inputs, steps: int, device: torch.device, compile_decode: bool = False):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     streamer = TimingStreamer(model.codec, device, start)
-    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, streamer=streamer, decode_audio=False)
+    options = dict(compile_decode=True) if compile_decode else dict(share_twin_prefill=True)
+    out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, streamer=streamer, decode_audio=False,
+                         **options)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
@@ -165,6 +179,7 @@ def run_generate(model, inputs, steps: int, device: torch.device):
         "prefill_s": times[0] - start,
         "decode_steps_per_s": lm_rate,
         "decode_steps_per_s_with_audio": (len(times) - 1) / max(decode_wall, 1e-9),
+        "codec_share": codec / max(decode_wall, 1e-9),
         "first_audio_s": streamer.first_audio,
         "rtf": wall / speech_seconds if speech_seconds else float("nan"),
         "wall_s": wall,
@@ -173,35 +188,112 @@ def run_generate(model, inputs, steps: int, device: torch.device):
     }
 
 
+@torch.no_grad()
+def agreement(steps: int, audio_frames: int, int8: bool) -> list[dict]:
+    """How far greedy decoding in bfloat16 (and int8) stays from float32, same random weights, one spoken question.
+
+    free-running: both decode on their own; the first step where any of the 8 tokens differs, and the share of equal
+    tokens over all steps (text stream, audio streams). teacher-forced: the other dtype is fed float32's tokens and
+    its greedy choice compared at every step (per-step agreement, without the drift that one early difference
+    causes in free-running decoding).
+    """
+    device = torch.device("cpu")
+    reference, processor = build(device, torch.float32)
+    inputs = make_inputs(processor, 1, audio_frames, device, torch.float32)
+    kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, decode_audio=False)
+    base = reference.generate(**inputs, **kwargs)
+    prompt_len = inputs["input_ids"].shape[-1]
+    fed = base.sequences[:, :, prompt_len:]
+    rows = []
+    variants = [("bfloat16", False)] + ([("bfloat16 + int8", True)] if int8 else [])
+    for name, quantize in variants:
+        model, _ = build(device, torch.bfloat16, int8=quantize)
+        bf_inputs = dict(inputs, input_features=inputs["input_features"].to(torch.bfloat16))
+        other = model.generate(**bf_inputs, **kwargs).sequences[:, :, prompt_len:]
+        differs = (other != fed).any(1)[0]
+        first = int(differs.nonzero()[0, 0]) if bool(differs.any()) else steps
+        forced = teacher_forced(model, bf_inputs, fed)
+        rows.append({
+            "variant": name, "steps": steps,
+            "first_difference_step": first,
+            "free_text_equal": float((other[0, 7] == fed[0, 7]).float().mean()),
+            "free_audio_equal": float((other[0, :7] == fed[0, :7]).float().mean()),
+            "forced_text_equal": forced[0], "forced_audio_equal": forced[1],
+        })
+        del model
+    return rows
+
+
+def teacher_forced(model, inputs, fed: torch.Tensor) -> tuple[float, float]:
+    """Feed float32's answer (one request, its twin built as generate does) and compare each step's greedy tokens."""
+    layout = model.layout
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    twin = ids.clone()
+    twin[:, : layout.num_audio_layers, -1] = layout.pad_ids()[: layout.num_audio_layers, None].T
+    answer = fed[0]
+    twin_answer = answer.clone()
+    twin_answer[: layout.num_audio_layers] = layout.pad_ids()[: layout.num_audio_layers, None]
+    rows = torch.cat([torch.cat([ids, answer[None]], dim=-1), torch.cat([twin, twin_answer[None]], dim=-1)])
+    full_mask = torch.ones(2, rows.shape[-1], dtype=torch.long)
+    features = inputs["input_features"].repeat(2, 1, 1)
+    audio_mask = torch.cat([inputs["audio_feature_mask"]] * 2)
+    audio_mask = torch.cat([audio_mask, torch.zeros(2, answer.shape[-1], dtype=torch.bool)], dim=-1)
+    out = model(input_ids=rows, attention_mask=full_mask, input_features=features, audio_feature_mask=audio_mask)
+    start = ids.shape[-1] - 1
+    text = out.text_logits[1, start:-1].argmax(-1)
+    audio = out.audio_logits[0, :, start:-1].argmax(-1) + layout.stream_offsets()[: layout.num_audio_layers, None]
+    text_target = answer[layout.text_stream]
+    keep = text_target != layout.pad_t  # after eot the text is forced, not predicted
+    text_equal = float((text == text_target)[keep].float().mean()) if bool(keep.any()) else float("nan")
+    return text_equal, float((audio == answer[: layout.num_audio_layers]).float().mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="model dtype (default bfloat16 on CUDA, float32 on CPU); the codec stays float32")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8], help="requests per call")
-    parser.add_argument("--steps", type=int, default=None, help="decoding steps per call (default 256 CUDA, 16 CPU)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="model dtype (auto: bfloat16 where the hardware computes it natively, else float32); "
+                             "the codec stays float32")
+    parser.add_argument("--int8", action="store_true", help="torchao int8 weight-only language model and head")
+    parser.add_argument("--compile", action="store_true", help="compile the decoding step (static cache)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="requests per call")
+    parser.add_argument("--steps", type=int, default=None, help="decoding steps per call (default 256 CUDA, 24 CPU)")
     parser.add_argument("--audio-frames", type=int, default=150, help="Whisper frames of each spoken prompt")
     parser.add_argument("--warmup", type=int, default=1, help="untimed generate calls first (batch 1, 16 steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--agreement", type=int, default=None, metavar="STEPS",
+                        help="measure bfloat16 (and with --int8, int8) greedy agreement with float32 instead")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if args.agreement:
+        rows = agreement(args.agreement, args.audio_frames, args.int8)
+        print("| variant | steps | first differing step | free-running text equal | free-running audio equal "
+              "| teacher-forced text equal | teacher-forced audio equal |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['variant']} | {r['steps']} | {r['first_difference_step']} | {100 * r['free_text_equal']:.1f} % "
+                  f"| {100 * r['free_audio_equal']:.1f} % | {100 * r['forced_text_equal']:.1f} % "
+                  f"| {100 * r['forced_audio_equal']:.1f} % |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return 0
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    steps = args.steps or (256 if device.type == "cuda" else 16)
+    dtype = resolve_dtype(args.dtype, device)
+    steps = args.steps or (256 if device.type == "cuda" else 24)
     if steps < 15:
         print("note: fewer than 15 steps: the first audio chunk only comes when the answer ends", file=sys.stderr)
 
     began = time.perf_counter()
-    model, processor = build(device, dtype)
+    model, processor = build(device, dtype, int8=args.int8)
     print(f"built the released sizes ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters, random) "
-          f"in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+          f"in {time.perf_counter() - began:.1f} s; dtype {dtype}{' + int8' if args.int8 else ''}", file=sys.stderr)
     for _ in range(args.warmup):
-        model.generate(**make_inputs(processor, 1, args.audio_frames, device, dtype), max_new_tokens=16,
-                       min_new_tokens=16, decode_audio=False)
+        run_generate(model, make_inputs(processor, 1, args.audio_frames, device, dtype), 16, device, args.compile)
 
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
@@ -214,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         # the forward-only loop runs before and after generate, and the two are averaged: a drift of the machine's
         # speed (other processes, clocks) then biases neither side
         fwd_before = forward_only(model, 2 * batch, prompt_len, steps, device, dtype)
-        gen = run_generate(model, inputs, steps, device)
+        gen = run_generate(model, inputs, steps, device, args.compile)
         fwd = 0.5 * (fwd_before + forward_only(model, 2 * batch, prompt_len, steps, device, dtype))
         row = {"batch": batch, "rows": 2 * batch, "prompt_len": prompt_len, **gen, "forward_only_steps_per_s": fwd,
                "generate_vs_forward": gen["decode_steps_per_s"] / fwd}
@@ -222,20 +314,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), file=sys.stderr)
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\nmachine: {machine}; dtype {str(dtype).replace('torch.', '')}; {steps} steps; "
-          f"prompt {args.audio_frames} audio frames; torch {torch.__version__}; "
-          f"1-min load average {load_before:.1f} before, {load_after:.1f} after\n")
-    print("| requests | rows | prefill s | decode steps/s | with audio | forward-only steps/s | generate / forward "
-          "| first audio s | RTF | peak memory GiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    variant = str(dtype).replace("torch.", "") + (" + int8" if args.int8 else "") + (" + compile" if args.compile else "")
+    print(f"\nmachine: {machine}; {variant}; {steps} steps; prompt {args.audio_frames} audio frames; "
+          f"torch {torch.__version__}; 1-min load average {load_before:.1f} before, {load_after:.1f} after\n")
+    print("| requests | rows | prefill s | decode steps/s | with audio | codec share | forward-only steps/s "
+          "| generate / forward | first audio s | RTF | peak memory GiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         first = f"{r['first_audio_s']:.2f}" if r["first_audio_s"] is not None else "-"
         print(f"| {r['batch']} | {r['rows']} | {r['prefill_s']:.2f} | {r['decode_steps_per_s']:.2f} | "
-              f"{r['decode_steps_per_s_with_audio']:.2f} | {r['forward_only_steps_per_s']:.2f} | "
-              f"{100 * r['generate_vs_forward']:.1f} % | {first} | {r['rtf']:.2f} | {r['peak_gib']:.2f} |")
+              f"{r['decode_steps_per_s_with_audio']:.2f} | {100 * r['codec_share']:.0f} % | "
+              f"{r['forward_only_steps_per_s']:.2f} | {100 * r['generate_vs_forward']:.1f} % | {first} | "
+              f"{r['rtf']:.2f} | {r['peak_gib']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "dtype": str(dtype), "steps": steps, "results": results}, f, indent=2)
+            json.dump({"machine": machine, "variant": variant, "steps": steps, "results": results}, f, indent=2)
     return 0
 
 
