@@ -19,6 +19,7 @@ This file is shipped as remote code: it imports only torch and siblings.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -340,6 +341,9 @@ class CodecStream:
         return self.frames * self.decoder.samples_per_frame - self.samples
 
 
+_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # codec -> {noise: (param versions, decoder)}
+
+
 class StreamingCodecDecoder:
     """SNAC's decoder as a stateful stream: each frame is decoded once, and each call returns the final samples.
 
@@ -376,6 +380,19 @@ class StreamingCodecDecoder:
             raise CodecStreamingError(f"the decoder upsamples by {upsampling}, expected {expected}")
         #: samples of the pushed frames that wait for later frames (the decoder's right-hand reach)
         self.delay_samples = self._decoder.delay(0)
+
+    @classmethod
+    def shared(cls, codec: Any, noise: bool = False) -> "StreamingCodecDecoder":
+        """The decoder of ``codec`` for this noise setting, built once and shared by every stream (a server opens
+        one stream per request: the weight-normed weights are not recomputed and stored again for each). Rebuilt when
+        the codec's parameters changed in place since."""
+        versions = tuple(p._version for p in _snac_of(codec).parameters())
+        per_codec = _SHARED.setdefault(codec, {})
+        cached = per_codec.get(bool(noise))
+        if cached is None or cached[0] != versions:
+            cached = (versions, cls(codec, noise=noise))
+            per_codec[bool(noise)] = cached
+        return cached[1]
 
     @staticmethod
     def _check_quantizer(snac: nn.Module) -> None:

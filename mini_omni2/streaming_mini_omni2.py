@@ -228,7 +228,7 @@ class MiniOmni2Streamer(BaseStreamer):
         if self.codec is None:
             self._default_context = 0
         elif self.chunk_mode == "stateful":  # refuses a codec it cannot stream exactly
-            self.decoder = StreamingCodecDecoder(self.codec, noise=bool(self.codec_noise))
+            self.decoder = StreamingCodecDecoder.shared(self.codec, noise=bool(self.codec_noise))
             self._default_context = self.decoder.lookahead_frames
         else:
             self._default_context = default_context_frames(self.codec)

@@ -252,3 +252,17 @@ def test_stream_argument_checks(model):
 def test_streaming_module_is_saved_with_the_remote_code(model, tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "codec_streaming_mini_omni2.py").exists()
+
+
+def test_streams_share_one_decoder_per_codec():
+    """A server opens a stream per request: they share the codec's decoder (weights prepared once), which is rebuilt
+    only when the codec's weights change."""
+    from mini_omni2.tiny import tiny_model
+
+    codec = tiny_model(seed=5).codec
+    first = StreamingCodecDecoder.shared(codec, noise=False)
+    assert StreamingCodecDecoder.shared(codec, noise=False) is first
+    assert StreamingCodecDecoder.shared(codec, noise=True) is not first
+    with torch.no_grad():
+        next(codec.snac.decoder.parameters()).mul_(2.0)
+    assert StreamingCodecDecoder.shared(codec, noise=False) is not first
