@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -160,12 +161,15 @@ class Sampling:
     temperature: float = RELEASE_SAMPLING["temperature"]
     top_k: int = RELEASE_SAMPLING["top_k"]
     top_p: float = RELEASE_SAMPLING["top_p"]
+    min_p: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if int(self.top_k) < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.min_p is not None and not 0.0 <= float(self.min_p) <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.do_sample and not self.greedy and not float(self.temperature) > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False")
 
@@ -182,6 +186,8 @@ class Sampling:
             processors.append(TopKLogitsWarper(int(self.top_k)))
         if self.top_p is not None and self.top_p < 1.0:
             processors.append(TopPLogitsWarper(float(self.top_p)))
+        if self.min_p:
+            processors.append(MinPLogitsWarper(float(self.min_p)))
         return processors
 
 
@@ -218,6 +224,7 @@ class DecodeSettings:
             ids so far as ``input_ids``.
         stopping_criteria: transformers stopping criteria, called with the text-stream history and the text scores;
             a request they stop keeps the step.
+        text_stop_ids: text ids that end the text as ``eot`` does (``eos_token_id``); they are replaced by ``eot``.
         force_delay_pad: feed ``pad_a`` in the delay slots instead of the sampled token (the release does not).
         batch_parallel: answer each speech request with its speech row and its text-out twin (SPEC §6).
     """
@@ -230,6 +237,7 @@ class DecodeSettings:
     logits_processor: LogitsProcessorList | None = None
     audio_logits_processor: LogitsProcessorList | None = None
     stopping_criteria: StoppingCriteriaList | None = None
+    text_stop_ids: tuple[int, ...] = ()
     force_delay_pad: bool = False
     batch_parallel: bool = True
 
@@ -613,6 +621,9 @@ class DecodeGroup(EngineGroup):
                 sampled = torch.where(slot[None] >= step, torch.full_like(sampled, pad_a), sampled)
             audio_tok[index] = sampled
 
+        if settings.text_stop_ids:  # eos_token_id: ends the text as eot does
+            stops = torch.tensor(settings.text_stop_ids, device=device)
+            text_tok = torch.where(torch.isin(text_tok, stops), torch.full_like(text_tok, eot), text_tok)
         text_tok = torch.where(self.text_done, torch.full_like(text_tok, pad_t), text_tok)
         stop_eoa = self.is_speech & (audio_tok[:, last_layer] == eoa)
         stop_eot = ~self.is_speech & (text_tok == eot)

@@ -195,6 +195,15 @@ class TokenLayout:
         local = torch.tensor([self.pad_a] * self.num_audio_layers + [self.pad_t], dtype=torch.long, device=device)
         return local + self.stream_offsets(device)
 
+    def is_padding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(..., 8, seq) ids -> (..., seq) bool: positions whose 8 ids are all padding (``pad_a`` per layer, ``pad_t``).
+
+        No prompt layout starts with such a position (SPEC §4: ``input_a``, ``input_t`` or ``image`` come first), so
+        a row that does was left padded; inside a prompt they are the feature positions of an audio segment.
+        """
+        pad = self.pad_ids(input_ids.device)
+        return (input_ids == pad[:, None]).all(dim=-2)
+
     def stream_vocab_sizes(self) -> list[int]:
         """Number of logit columns each stream samples from: 7 x audio vocab, then the text vocab."""
         return [self.audio_vocab_size] * self.num_audio_layers + [self.text_vocab_size]
