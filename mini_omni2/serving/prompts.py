@@ -170,15 +170,18 @@ def build_prompt(
 
 
 # ----- sampling -----------------------------------------------------------------------------------------------------
-def _number(value, name: str, low: float, high: float, integer: bool = False, low_open: bool = False):
+def _number(value, name: str, low: float, high: float | None = None, integer: bool = False,
+            low_open: bool = False):
+    """``value`` checked as a number (an integer with ``integer``) in its range; a 400 naming ``name`` otherwise."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
         kind = "an integer" if integer else "a number"
         raise invalid(f"{name} must be {kind}, got {value!r}", name)
-    if (value <= low if low_open else value < low) or value > high:
-        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise invalid(f"{name} must be in {bounds}, got {value!r}", name)
+    if (value <= low if low_open else value < low) or (high is not None and value > high):
+        bounds = f"{'>' if low_open else '>='} {low:g}" if high is None else \
+            f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise invalid(f"{name} must be {bounds}, got {value!r}", name)
     return int(value) if integer else float(value)
 
 
@@ -207,9 +210,9 @@ def decode_settings(
     """
     temperature = _number(temperature, "temperature", 0.0, 2.0)
     top_p = _number(top_p, "top_p", 0.0, 1.0, low_open=True)
-    top_k = _number(top_k, "top_k", 0, 1 << 31, integer=True)
-    seed = _number(seed, "seed", -(1 << 63), (1 << 63) - 1, integer=True)
-    max_tokens = _number(max_tokens, max_tokens_param, 1, 1 << 31, integer=True)
+    top_k = _number(top_k, "top_k", 0, integer=True)
+    seed = _number(seed, "seed", -(1 << 63), integer=True)
+    max_tokens = _number(max_tokens, max_tokens_param, 1, integer=True)
     if temperature is None and top_p is None and top_k is None:
         sampling = Sampling()  # the release's: greedy through top_k = 1
     elif temperature == 0.0:

@@ -107,7 +107,7 @@ function onServerEvent(event) {
     case "conversation.item.created":
       if (event.item.role === "user") {
         const parts = event.item.content.map((c) =>
-          c.type === "input_audio" ? "🎤 (speech)" : c.type === "input_image" ? "🖼 (image)" : c.text || "");
+          c.type === "input_audio" ? "[speech]" : c.type === "input_image" ? "[image]" : c.text || "");
         addTurn("user", parts.join(" "));
       }
       break;
