@@ -248,7 +248,7 @@ def parse_chat_request(state: "ServerState", body: dict) -> ChatRequest:
         include_usage=bool(stream_options.get("include_usage", False)),
         sampling=dict(
             temperature=body.get("temperature"), top_p=body.get("top_p"), top_k=body.get("top_k"),
-            seed=body.get("seed"), max_tokens=max_tokens, max_tokens_param=param,
+            seed=body.get("seed"), max_tokens=max_tokens, max_tokens_param=param, min_tokens=body.get("min_tokens"),
         ),
     )
 

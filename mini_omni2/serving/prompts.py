@@ -192,6 +192,7 @@ def decode_settings(
     top_k=None,
     seed=None,
     max_tokens=None,
+    min_tokens=None,
     default_max_tokens: int,
     limit_max_tokens: int,
     device: torch.device | str = "cpu",
@@ -207,12 +208,15 @@ def decode_settings(
       holds; without it a random seed.
     - ``max_tokens``: decoding steps (one step is one position of the 8 streams, ~85 ms of speech per frame);
       default ``default_max_tokens``, at most ``limit_max_tokens``.
+    - ``min_tokens`` (an extension, as in vLLM): steps before the answer may stop (benchmarks use it to make random
+      weights answer at a fixed length).
     """
     temperature = _number(temperature, "temperature", 0.0, 2.0)
     top_p = _number(top_p, "top_p", 0.0, 1.0, low_open=True)
     top_k = _number(top_k, "top_k", 0, integer=True)
     seed = _number(seed, "seed", -(1 << 63), integer=True)
     max_tokens = _number(max_tokens, max_tokens_param, 1, integer=True)
+    min_tokens = _number(min_tokens, "min_tokens", 0, integer=True)
     if temperature is None and top_p is None and top_k is None:
         sampling = Sampling()  # the release's: greedy through top_k = 1
     elif temperature == 0.0:
@@ -226,8 +230,10 @@ def decode_settings(
         )
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(seed % (1 << 63) if seed is not None else secrets.randbits(63))
-    steps = default_max_tokens if max_tokens is None else min(max_tokens, limit_max_tokens)
-    return DecodeSettings(text=sampling, max_new_tokens=max(1, steps), generator=generator)
+    steps = max(1, default_max_tokens if max_tokens is None else min(max_tokens, limit_max_tokens))
+    if min_tokens is not None and min_tokens > steps:
+        raise invalid(f"min_tokens ({min_tokens}) is more than the answer's {steps} steps", "min_tokens")
+    return DecodeSettings(text=sampling, max_new_tokens=steps, min_new_tokens=min_tokens or 0, generator=generator)
 
 
 __all__ = [
