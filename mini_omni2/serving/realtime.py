@@ -336,7 +336,8 @@ class RealtimeSession:
             return
         self._buffer.append(samples)
         self._stream_pos += samples.size
-        if self._vad is None:
+        if self._vad is None:  # manual commits: the buffer keeps the last 30 s (what the model can hear)
+            self._keep_last(MAX_AUDIO_SECONDS * SAMPLING_RATE)
             return
         for kind, position in await asyncio.to_thread(self._vad.feed, samples):
             if kind == "start":
@@ -350,11 +351,14 @@ class RealtimeSession:
 
     def _trim_buffer(self) -> None:
         """Outside speech, keep only the prefix padding that a coming speech start would include."""
-        keep = int(self.turn_detection["prefix_padding_ms"] * SAMPLING_RATE / 1000) if self.turn_detection else 0
+        self._keep_last(int(self.turn_detection["prefix_padding_ms"] * SAMPLING_RATE / 1000))
+
+    def _keep_last(self, keep: int) -> None:
+        if self._stream_pos - self._buffer_start <= keep:
+            return
         audio = self._audio()
-        if audio.size > keep:
-            self._buffer = [audio[audio.size - keep:]] if keep else []
-            self._buffer_start = self._stream_pos - min(keep, audio.size)
+        self._buffer = [audio[audio.size - keep:]] if keep else []
+        self._buffer_start = self._stream_pos - min(keep, audio.size)
 
     def _audio(self) -> np.ndarray:
         return np.concatenate(self._buffer) if self._buffer else np.zeros(0, dtype=np.float32)
@@ -374,7 +378,7 @@ class RealtimeSession:
                          "item_id": item_id})
         padding = int(self.turn_detection["prefix_padding_ms"] * SAMPLING_RATE / 1000)
         first = max(self._speech_start - padding - self._buffer_start, 0)
-        await self._commit(item_id, self._audio()[first:])
+        await self._commit(item_id, self._audio()[first : first + MAX_AUDIO_SECONDS * SAMPLING_RATE])
         if self.turn_detection.get("create_response", True):
             await self.on_response_create({})
 
