@@ -131,3 +131,15 @@ def test_sampling_fields_map_onto_the_release_or_openai_meaning():
         with pytest.raises(APIError) as error:
             decode_settings(**bad, **limits, max_tokens_param="max_tokens")
         assert error.value.status == 400 and error.value.param == next(iter(bad)), error.value.message
+
+
+def test_serve_command_builds_the_app_and_says_the_weights_are_random(capsys):
+    from mini_omni2.cli import build_parser
+    from mini_omni2.cli.serve import build_app
+
+    args = build_parser().parse_args(["serve", "--model", "tiny-random", "--max-batch-rows", "4", "--no-codec-noise"])
+    state = build_app(args).state.server
+    err = capsys.readouterr().err
+    assert "RANDOM weights" in err and "model on cpu in " in err
+    assert state.model_name == "tiny-random" and state.random_weights and state.worker.engine.max_rows == 4
+    assert state.worker.codec_noise is False and state.default_max_tokens == 128
