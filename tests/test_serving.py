@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -222,6 +223,18 @@ def test_a_client_that_leaves_frees_its_rows(server, client):
     stream.close()  # the client hangs up mid-answer
     steps = wait_until_idle(server.url)["steps"]
     assert health(server.url)["steps"] == steps  # nothing decodes any more
+
+
+def test_a_client_that_leaves_a_non_streamed_answer_frees_its_rows(server):
+    body = json.dumps({"model": NAME, "messages": user("tell me a long story"), "max_completion_tokens": 3000})
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 20
+    while health(server.url)["rows_in_use"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    connection.close()  # the client gives up while the answer is decoding
+    wait_until_idle(server.url)
 
 
 def test_transcriptions(client, model, processor, speech_wav):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import numpy as np
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from ..processing_mini_omni2 import load_image
 from ..token_layout import OUTPUT_ASR, OUTPUT_SPEECH, OUTPUT_TEXT
@@ -342,8 +342,13 @@ class JobStreamingResponse(StreamingResponse):
             self.job.cancel()
 
 
+#: The status logged for a request whose client left before its answer (nginx's convention; never received).
+CLIENT_CLOSED_REQUEST = 499
+
+
 async def wait_or_cancel(request: Request, job: AsyncJob, poll: float = 0.25):
-    """The job's events and end; cancels it if the client disconnects while waiting (then raises CancelledError)."""
+    """The job's events and end, or ``None`` if the client disconnected while waiting (the job is then cancelled:
+    its rows leave the batch at the next step)."""
     task = asyncio.ensure_future(job.result())
     try:
         while True:
@@ -351,8 +356,7 @@ async def wait_or_cancel(request: Request, job: AsyncJob, poll: float = 0.25):
             if done:
                 return task.result()
             if await request.is_disconnected():
-                job.cancel()
-                raise asyncio.CancelledError("the client disconnected")
+                return None
     finally:
         if not task.done():
             job.cancel()
@@ -373,7 +377,10 @@ async def chat_completions(request: Request):
     meta = {"id": new_id("chatcmpl-"), "created": int(time.time()), "model": state.model_name}
     if chat.stream:
         return JobStreamingResponse(stream_chat(state, job, prompt, meta, speech, chat.include_usage), job)
-    events, done = await wait_or_cancel(request, job)
+    result = await wait_or_cancel(request, job)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    events, done = result
     failure = job_failure(done)
     if failure is not None:
         raise failure
@@ -479,7 +486,10 @@ async def transcriptions(request: Request):
     samples, rate = await asyncio.to_thread(decode_audio, data, None, "file")
     current = Turn("user", audio=await asyncio.to_thread(to_model_rate, samples, rate))
     job, prompt = await start_job(state, current, [], OUTPUT_ASR, {"temperature": temperature}, param="file")
-    _events, done = await wait_or_cancel(request, job)
+    result = await wait_or_cancel(request, job)
+    if result is None:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    _events, done = result
     failure = job_failure(done)
     if failure is not None:
         raise failure
