@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["mini_omni2", "mini_omni2.*"]),
+    package_data={"mini_omni2.serving": ["static/*.html", "static/*.js"]},  # the voice page
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -25,9 +26,16 @@ setup(
     ],
     extras_require={
         "train": ["peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
-        "serve": ["fastapi", "uvicorn"],
+        # the server: FastAPI + uvicorn (websockets for /v1/realtime, python-multipart for transcription uploads),
+        # silero-vad (turn detection; plain silero-vad needs only torch), soxr (resampling)
+        "serve": ["fastapi", "uvicorn", "websockets>=13,<16", "python-multipart", "silero-vad>=5", "soxr"],
+        # int8 weight-only layers (MiniOmni2ForConditionalGeneration.quantize_int8)
         "int8": ["torchao"],
-        "test": ["pytest", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer", "torchao"],
+        # the serving tests drive the server with the official openai SDK (its realtime client needs websockets)
+        # and the voice page with selenium + the system's chromium / chromedriver (installed by .ci/run)
+        "test": ["pytest", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer", "fastapi", "uvicorn",
+                 "websockets>=13,<16", "python-multipart", "silero-vad>=5", "soxr", "openai>=2", "selenium>=4.11",
+                 "torchao"],
     },
     # the model cards that `mini-omni2 convert` writes, for non-editable installs
     data_files=[

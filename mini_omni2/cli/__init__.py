@@ -1,4 +1,5 @@
-"""The ``mini-omni2`` command: ``chat`` (answer in text and speech) and ``convert`` (original release -> Hub folder)."""
+"""The ``mini-omni2`` command: ``chat`` (answer in text and speech), ``serve`` (the OpenAI-compatible voice server)
+and ``convert`` (original release -> Hub folder)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     from .chat import add_chat_arguments
+    from .serve import add_serve_arguments
     from ..conversion.convert import add_convert_arguments
 
     add_chat_arguments(commands.add_parser("chat", help="answer a spoken, written or visual prompt"))
+    add_serve_arguments(commands.add_parser("serve", help="serve the OpenAI-compatible API and a voice web page"))
     add_convert_arguments(commands.add_parser("convert", help="convert an original checkpoint into a Hub folder"))
     return parser
 
@@ -24,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         from .chat import run_chat
 
         return run_chat(args) or 0
+    if args.command == "serve":
+        from .serve import run_serve
+
+        return run_serve(args)
     from ..conversion.convert import run_convert
 
     return run_convert(args) or 0

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
 from ..streaming_mini_omni2 import MiniOmni2Streamer, StreamEvent
+from .loading import TINY_RANDOM, TINY_RANDOM_MAX_NEW_TOKENS, ModelLoadError, load, warn_tiny_random
 from ..token_layout import OUTPUTS, OUTPUT_SPEECH
 
-TINY_RANDOM = "tiny-random"
-TINY_RANDOM_MAX_NEW_TOKENS = 128
 
 
 def add_chat_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -63,48 +61,20 @@ class _PrintingStreamer(MiniOmni2Streamer):
             self.audio_seconds += event.audio.numel() / event.sampling_rate
 
 
-def load(model_id: str, device: str | None = None, dtype: str | None = None):
-    """Model and processor: the random tiny ones for ``tiny-random``, else ``from_pretrained``."""
-    if model_id == TINY_RANDOM:
-        from ..tiny import tiny_model, tiny_processor
-
-        model, processor = tiny_model(), tiny_processor()
-    else:
-        from ..modeling_mini_omni2 import MiniOmni2ForConditionalGeneration
-        from ..processing_mini_omni2 import MiniOmni2Processor
-
-        kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-        model = MiniOmni2ForConditionalGeneration.from_pretrained(model_id, **kwargs)
-        processor = MiniOmni2Processor.from_pretrained(model_id)
-    if dtype and model_id == TINY_RANDOM:
-        model = model.to(getattr(torch, dtype))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), processor
-
-
 def run_chat(args: argparse.Namespace) -> int:
     if args.audio is None and args.text is None and args.image is None:
         print("error: give at least one of --audio, --text, --image", file=sys.stderr)
         return 2
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.model == TINY_RANDOM:
-        print(
-            "WARNING: --model tiny-random is a tiny model with RANDOM weights: it runs offline, but its answer is "
-            f"noise (and it stops after {TINY_RANDOM_MAX_NEW_TOKENS} steps unless --max-new-tokens says otherwise).",
-            file=sys.stderr,
-            flush=True,
+        warn_tiny_random(
+            f" (and it stops after {TINY_RANDOM_MAX_NEW_TOKENS} steps unless --max-new-tokens says otherwise)"
         )
     log(f"loading {args.model} ...")
     try:
         model, processor = load(args.model, args.device, args.dtype)
-    except (OSError, ValueError) as error:
-        print(f"error: cannot load {args.model!r}: {error}", file=sys.stderr)
-        if os.path.isfile(os.path.join(args.model, "lit_model.pth")):
-            print(
-                f"hint: {args.model} is an original release; convert it first: "
-                f"mini-omni2 convert --source {args.model} --output {args.model.rstrip('/')}-hf",
-                file=sys.stderr,
-            )
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     device = next(model.parameters()).device
     try:
