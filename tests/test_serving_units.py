@@ -143,3 +143,36 @@ def test_serve_command_builds_the_app_and_says_the_weights_are_random(capsys):
     assert "RANDOM weights" in err and "model on cpu in " in err
     assert state.model_name == "tiny-random" and state.random_weights and state.worker.engine.max_rows == 4
     assert state.worker.codec_noise is False and state.default_max_tokens == 128
+
+
+def test_worker_queue_counts_the_rows_a_request_needs(model, processor):
+    """A spoken answer takes 2 rows (its twin): with 1 row free it would wait, so a full queue refuses it, while a
+    text answer (1 row) still starts at once."""
+    worker = EngineWorker(model, processor, max_batch_rows=3, max_queue=0, codec_noise=False).start()
+    try:
+        long = Sink()
+        never_ends = DecodeSettings(text=Sampling(do_sample=False), max_new_tokens=100000, min_new_tokens=100000,
+                                    logits_processor=[NoEot(model.layout.eot)])  # the twin stays: 2 rows
+        job = worker.submit(processor(text="tell me a story", output="speech"), never_ends, long)
+        until(lambda: worker.engine.num_rows == 2)
+        with pytest.raises(QueueFull):
+            worker.submit(processor(text="hello", output="speech"), GREEDY, Sink())
+        text = Sink()
+        worker.submit(processor(text="hello", output="text"), GREEDY, text)
+        assert text.wait().finish_reason in ("eot", "length")
+        worker.cancel(job)
+        assert long.wait().finish_reason == "cancelled"
+    finally:
+        worker.stop(timeout=0.0)
+
+
+class NoEot:
+    """A logits processor that bans eot: the text (and so the twin row) never ends."""
+
+    def __init__(self, eot: int):
+        self.eot = eot
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.eot] = float("-inf")
+        return scores

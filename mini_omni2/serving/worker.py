@@ -17,8 +17,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..engine_mini_omni2 import DecodeGroup, DecodeSettings, MiniOmni2Engine
+from ..engine_mini_omni2 import DecodeGroup, DecodeSettings, MiniOmni2Engine, output_kinds
 from ..streaming_mini_omni2 import MiniOmni2Streamer, StreamEvent
+from ..token_layout import OUTPUT_SPEECH
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,8 @@ class EngineWorker:
     def queued(self) -> int:
         """Requests not yet decoding: in the inbox or waiting in the engine for rows."""
         with self._lock:
-            waiting = sum(1 for job in self._jobs if job.group is not None and job.group in self.engine.pending)
+            pending = list(self.engine.pending)  # a snapshot: the engine thread changes the list between steps
+            waiting = sum(1 for job in self._jobs if job.group is not None and job.group in pending)
             return len(self._inbox) + waiting
 
     # ----- requests -----------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ class EngineWorker:
         with self._lock:
             if not self._accepting:
                 raise WorkerStopped("the server is shutting down")
-            if self.queued >= self.max_queue + self._free_rows():
+            if self._would_wait(job) > self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; try again later")
             self._inbox.append(job)
             self._lock.notify_all()
@@ -185,9 +187,26 @@ class EngineWorker:
             self._cancels.append(job)
             self._lock.notify_all()
 
-    def _free_rows(self) -> int:
-        rows = self.engine.max_rows
-        return 0 if rows is None else max(0, rows - self.engine.num_rows)
+    def _rows_of(self, job: Job) -> int:
+        """Rows a request takes: 2 for a spoken answer with batch parallel decoding (its twin), else 1."""
+        kind = output_kinds(self.model.config.token_layout, job.inputs["input_ids"])[0]
+        return 2 if kind == OUTPUT_SPEECH and job.settings.batch_parallel else 1
+
+    def _would_wait(self, new: Job) -> int:
+        """Requests that would wait for rows if ``new`` joined: the queue (engine's waiting groups, then the inbox,
+        then ``new``) admitted in order into the free rows, as the engine admits them."""
+        if self.engine.max_rows is None:
+            return 0
+        free = self.engine.max_rows - self.engine.num_rows
+        queue = [job for job in self._jobs if job.group is not None and job.group in list(self.engine.pending)]
+        waiting = 0
+        for job in queue + self._inbox + [new]:
+            rows = self._rows_of(job)
+            if waiting == 0 and rows <= free:
+                free -= rows
+            else:
+                waiting += 1  # the engine admits in order: everything behind a waiting request waits too
+        return waiting
 
     # ----- the thread ---------------------------------------------------------------------------------------------
     def _loop(self) -> None:
