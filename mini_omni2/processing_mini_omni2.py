@@ -25,17 +25,24 @@ MAX_FLOAT_AMPLITUDE = 10.0
 #: Images more elongated than this are first cut to their central part of this aspect ratio: CLIP's centre crop
 #: keeps only a square of the short side, and resizing the whole strip first would take gigabytes (a 5000x1 image).
 MAX_IMAGE_ASPECT_RATIO = 4.0
+#: Sampling rates accepted for audio: from below telephone speech to far above studio rates (resampling from outside
+#: this range is either meaningless for speech or very slow).
+SAMPLING_RATE_RANGE = (1000, 1_000_000)
 #: Channel counts of image arrays: grey, grey + alpha, RGB, RGBA.
 _IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 # ----- audio ------------------------------------------------------------------------------------------------------
 def check_sampling_rate(rate: Any, what: str = "sampling_rate") -> int:
-    """A sampling rate as a positive whole number of Hz (``16000``, ``np.int64(16000)`` or ``16000.0``)."""
+    """A sampling rate as a whole number of Hz (``16000``, ``np.int64(16000)`` or ``16000.0``) within
+    :data:`SAMPLING_RATE_RANGE`."""
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
         raise TypeError(f"{what} must be a positive whole number of Hz, got {rate!r} ({type(rate).__name__})")
     if not math.isfinite(rate) or rate <= 0 or rate != int(rate):
         raise ValueError(f"{what} must be a positive whole number of Hz, got {rate!r}")
+    low, high = SAMPLING_RATE_RANGE
+    if not low <= rate <= high:
+        raise ValueError(f"{what} must be between {low} and {high} Hz, got {rate!r}")
     return int(rate)
 
 
@@ -304,8 +311,8 @@ def _pil_to_rgb(image):
         if image.mode in ("P", "PA"):  # palette transparency goes through RGBA, as PIL asks
             image = image.convert("RGBA")
         return image.convert("RGB")
-    except ValueError as error:
-        raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB ({error})") from None
+    except ValueError:  # modes PIL cannot convert (premultiplied "La" ...): read their channels as an array
+        return _array_to_image(np.asarray(image), channels_first=False).convert("RGB")
 
 
 def load_image(image: Any):
