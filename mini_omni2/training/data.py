@@ -25,7 +25,7 @@ processed ones, or anything between. :class:`MiniOmni2Preprocessor` is the batch
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +57,8 @@ PROCESSED_FIELDS = (
     "audio_num_frames",
     "pixel_values",
 )
+#: The fields that hold an example's answer: every example has at least one.
+ANSWER_FIELDS = ("answer_text", "answer_text_ids", "answer_codes", "answer_audio")
 AUDIO_MODES = ("features", "waveform")
 IMAGE_MODES = ("pixels", "keep")
 
@@ -75,10 +77,46 @@ def _present(value: Any) -> bool:
     return True
 
 
-def _as_numpy(value: Any, dtype) -> np.ndarray:
+def _as_array(value: Any, what: str) -> np.ndarray:
+    """A field as a numpy array of real numbers; ragged lists, strings and objects are refused."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=dtype)
+        value = value.detach().cpu()
+        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{what} must be a rectangular array of numbers ({error})") from None
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"{what} must hold numbers, got dtype {array.dtype}")
+    return array
+
+
+def _as_ids(value: Any, what: str, ndim: int) -> np.ndarray:
+    """Ids or codes as int64 with ``ndim`` dimensions; floats only when they are whole numbers (never truncated)."""
+    array = _as_array(value, what)
+    if array.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimension{'s' * (ndim > 1)}, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        fractional = ~np.isfinite(array) | (array != np.round(array))
+        if fractional.any():
+            raise ValueError(f"{what} must be whole numbers, got {array[fractional][:5].tolist()}")
+    return array.astype(np.int64)
+
+
+def _as_features(value: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Precomputed features (log-mel, pixel values) as float32 of the processor's ``shape``, finite."""
+    array = _as_array(value, what)
+    if array.shape != tuple(shape):
+        raise ValueError(f"{what} must have the processor's shape {tuple(shape)}, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return array.astype(np.float32)
+
+
+def _check_ids_range(ids: np.ndarray, what: str, limit: int) -> None:
+    bad = ids[(ids < 0) | (ids >= limit)]
+    if bad.size:
+        raise ValueError(f"{what} must be in [0, {limit}), got {bad[:5].tolist()}")
 
 
 def load_input_audio(processor, value: Any, sampling_rate: int | None = None, truncate: bool = False) -> np.ndarray:
@@ -113,13 +151,15 @@ def encode_answer_audio(codec: Any, waveform: np.ndarray) -> np.ndarray:
 
 def resolve_task(example: dict) -> str:
     """The layout name of an example: its ``task``, else the one for its inputs and ``output`` (default speech)."""
+    if not isinstance(example, Mapping):
+        raise TypeError(f"a training example must be a dict of fields (docs/training.md), got {type(example).__name__}")
     task = example.get("task")
     if _present(task):
-        if task not in TASKS:
+        if not isinstance(task, str) or task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; known tasks: {', '.join(TASKS)}")
         return task
     output = example.get("output") or OUTPUT_SPEECH
-    if output not in OUTPUTS:
+    if not isinstance(output, str) or output not in OUTPUTS:
         raise ValueError(f"Unknown output {output!r}; choose one of {OUTPUTS}")
     inputs = set()
     if _present(example.get("text")) or _present(example.get("prompt_text_ids")):
@@ -129,6 +169,16 @@ def resolve_task(example: dict) -> str:
     if _present(example.get("image")) or _present(example.get("pixel_values")):
         inputs.add("image")
     return task_name(inputs, output)
+
+
+def _audio_num_frames(value: Any, limit: int) -> int:
+    """The L of SPEC §5 that goes with precomputed input_features: a whole number in [1, limit]."""
+    if value is None or (isinstance(value, (list, np.ndarray)) and np.size(value) == 0):
+        raise ValueError("precomputed input_features need audio_num_frames (the L of SPEC §5)")
+    frames = _as_ids(value, "audio_num_frames", 0)
+    if not 1 <= int(frames) <= limit:
+        raise ValueError(f"audio_num_frames must be in [1, {limit}] (the encoder frames used), got {int(frames)}")
+    return int(frames)
 
 
 def _encode_text(processor, text: Any, what: str) -> np.ndarray:
@@ -159,6 +209,13 @@ def prepare_example(
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
     layout = processor.layout
+    if isinstance(example, Mapping) and not any(_present(example.get(name)) for name in ANSWER_FIELDS):
+        raise ValueError(
+            f"the example has no answer ({', '.join(ANSWER_FIELDS)}); its fields are {sorted(example)}. If "
+            "transformers' Trainer removed them: its default remove_unused_columns=True keeps only arguments of the "
+            "model's forward; map the dataset with MiniOmni2Preprocessor(processor, training_rows=True), whose columns "
+            "all are, or pass remove_unused_columns=False (as training_arguments() does)"
+        )
     task = resolve_task(example)
     inputs, output = TASKS[task]
     out: dict[str, Any] = {"task": task}
@@ -166,7 +223,8 @@ def prepare_example(
     # text prompt
     if "text" in inputs:
         if _present(example.get("prompt_text_ids")):
-            out["prompt_text_ids"] = _as_numpy(example["prompt_text_ids"], np.int64)
+            out["prompt_text_ids"] = _as_ids(example["prompt_text_ids"], "prompt_text_ids", 1)
+            _check_ids_range(out["prompt_text_ids"], "prompt_text_ids (tokenizer ids)", layout.tokenizer_vocab_size)
         else:
             out["prompt_text_ids"] = _encode_text(processor, example.get("text"), f"task {task}: text")
     elif _present(example.get("text")) or _present(example.get("prompt_text_ids")):
@@ -180,14 +238,14 @@ def prepare_example(
     out["audio_num_frames"] = 0
     if "audio" in inputs:
         if _present(example.get("input_features")):
-            frames = int(example.get("audio_num_frames") or 0)
-            if frames < 1:
-                raise ValueError("precomputed input_features need audio_num_frames (the L of SPEC §5)")
-            out["input_features"] = _as_numpy(example["input_features"], np.float32)
-            out["audio_num_frames"] = frames
+            extractor = processor.feature_extractor
+            out["input_features"] = _as_features(
+                example["input_features"], "input_features", (extractor.feature_size, extractor.nb_max_frames)
+            )
+            out["audio_num_frames"] = _audio_num_frames(example.get("audio_num_frames"), processor.max_audio_frames)
         else:
             if _present(example.get("audio_waveform")):
-                waveform = _as_numpy(example["audio_waveform"], np.float32)
+                waveform = load_input_audio(processor, (example["audio_waveform"], SAMPLING_RATE), None, truncate_audio)
             elif _present(example.get("audio")):
                 waveform = load_input_audio(processor, example["audio"], example.get("sampling_rate"), truncate_audio)
             else:
@@ -206,7 +264,10 @@ def prepare_example(
         if not processor.has_vision:
             raise ValueError("this model has no vision encoder (Mini-Omni): it cannot take images")
         if _present(example.get("pixel_values")):
-            out["pixel_values"] = _as_numpy(example["pixel_values"], np.float32)
+            crop = processor.image_processor.crop_size
+            out["pixel_values"] = _as_features(
+                example["pixel_values"], "pixel_values", (3, crop["height"], crop["width"])
+            )
         elif not _present(example.get("image")):
             raise ValueError(f"task {task} needs an image")
         elif images == "pixels":
@@ -218,21 +279,19 @@ def prepare_example(
 
     # answers
     if _present(example.get("answer_text_ids")):
-        out["answer_text_ids"] = _as_numpy(example["answer_text_ids"], np.int64)
+        out["answer_text_ids"] = _as_ids(example["answer_text_ids"], "answer_text_ids", 1)
     elif _present(example.get("answer_text")):
         out["answer_text_ids"] = _encode_text(processor, example["answer_text"], "answer_text")
     elif output == OUTPUT_SPEECH:
         out["answer_text_ids"] = np.zeros(0, dtype=np.int64)
     else:
         raise ValueError(f"task {task} has a text answer: give answer_text")
-    bad = out["answer_text_ids"][(out["answer_text_ids"] < 0) | (out["answer_text_ids"] >= layout.tokenizer_vocab_size)]
-    if bad.size:
-        raise ValueError(f"answer_text_ids must be tokenizer ids in [0, {layout.tokenizer_vocab_size}), got {bad[:5]}")
+    _check_ids_range(out["answer_text_ids"], "answer_text_ids (tokenizer ids)", layout.tokenizer_vocab_size)
 
     width = layout.num_audio_layers
     if output == OUTPUT_SPEECH:
         if _present(example.get("answer_codes")):
-            codes = _as_numpy(example["answer_codes"], np.int64)
+            codes = _as_ids(example["answer_codes"], "answer_codes", 2)
         elif _present(example.get("answer_audio")):
             codec_module = _codec_of(codec)
             if codec_module is None:
@@ -271,6 +330,11 @@ class MiniOmni2Preprocessor:
 
     The output columns are type-stable (empty arrays where absent), so mixed tasks map in any batch order; pass
     ``features=prep.features()`` to ``map`` to fix the column types up front (useful for ``IterableDataset``).
+
+    With ``training_rows=True`` the map builds the collator's training rows instead (one per example, two for a
+    speech answer with ``batch_parallel_twins``): the columns are then ``input_ids``, ``labels``, the feature masks,
+    ``input_features``, ``audio_lengths`` and ``pixel_values``, all arguments of the model's ``forward``, so
+    ``transformers.Trainer`` keeps them with its default ``remove_unused_columns=True``.
     """
 
     def __init__(
@@ -280,7 +344,11 @@ class MiniOmni2Preprocessor:
         audio: str = "features",
         images: str = "pixels",
         truncate_audio: bool = False,
+        training_rows: bool = False,
+        batch_parallel_twins: bool = False,
     ):
+        if batch_parallel_twins and not training_rows:
+            raise ValueError("batch_parallel_twins builds rows: pass training_rows=True (or give it to the collator)")
         if audio not in AUDIO_MODES:
             raise ValueError(f"audio must be one of {AUDIO_MODES}, got {audio!r}")
         if images not in IMAGE_MODES:
@@ -292,6 +360,8 @@ class MiniOmni2Preprocessor:
         self.audio = audio
         self.images = images
         self.truncate_audio = truncate_audio
+        self.training_rows = training_rows
+        self.batch_parallel_twins = batch_parallel_twins
 
     def __getstate__(self) -> dict:
         # SNAC's weight-normed convolutions do not pickle: send the codec as its config and state dict. This also
@@ -317,6 +387,17 @@ class MiniOmni2Preprocessor:
         if not batch:
             return {}
         size = len(next(iter(batch.values())))
+        if self.training_rows:
+            from .collator import ROW_FIELDS, MiniOmni2DataCollator
+
+            collator = MiniOmni2DataCollator(
+                self.processor,
+                codec=self.codec,
+                batch_parallel_twins=self.batch_parallel_twins,
+                truncate_audio=self.truncate_audio,
+            )
+            built = [row for i in range(size) for row in collator.training_rows({k: v[i] for k, v in batch.items()})]
+            return {name: [row[name] for row in built] for name in ROW_FIELDS}
         rows = [
             prepare_example(
                 {k: v[i] for k, v in batch.items()},
@@ -331,7 +412,10 @@ class MiniOmni2Preprocessor:
         return {name: [row[name] for row in rows] for name in PROCESSED_FIELDS}
 
     def removable_columns(self, column_names: Iterable[str] | None) -> list[str]:
-        """Columns that the processed ones replace (all of them, except ``image`` when images are kept raw)."""
+        """Columns that the processed ones replace (all of them, except ``image`` when images are kept raw; all of them
+        with ``training_rows``, whose map may give more rows than it is given)."""
+        if self.training_rows:
+            return list(column_names or [])
         keep = {"image"} if self.images == "keep" else set()
         return [c for c in (column_names or []) if c not in keep and c not in PROCESSED_FIELDS]
 
@@ -339,6 +423,17 @@ class MiniOmni2Preprocessor:
         """The ``datasets.Features`` of the processed columns (plus ``extra`` ones, e.g. a kept ``image``)."""
         from datasets import Features, List, Value
 
+        if self.training_rows:
+            rows = {
+                "input_ids": List(List(Value("int64"))),
+                "labels": List(List(Value("int64"))),
+                "audio_feature_mask": List(Value("bool")),
+                "image_feature_mask": List(Value("bool")),
+                "input_features": List(List(Value("float32"))),
+                "audio_lengths": Value("int64"),
+                "pixel_values": List(List(List(Value("float32")))),
+            }
+            return Features({**rows, **(extra or {})})
         feats = {
             "task": Value("string"),
             "prompt_text_ids": List(Value("int64")),
