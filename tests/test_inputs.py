@@ -346,7 +346,7 @@ def test_bad_images_are_refused(processor, value, error, message):
         ("\udfff", ValueError, "lone surrogate"),
         (b"hello", TypeError, "got bytes"),
         (42, TypeError, "got int"),
-        ("", ValueError, "non-empty|give answer_text"),  # an empty field is an absent one in a training example
+        ("", ValueError, "non-empty|no answer"),  # an empty field is an absent one in a training example
     ],
 )
 def test_text_that_cannot_be_encoded(processor, text, error, message):
@@ -399,3 +399,93 @@ def test_a_prompt_with_feature_positions_needs_its_features(model, processor, ki
         with pytest.raises(ValueError, match=f"no {kind} features"):
             model.generate(**incomplete, max_new_tokens=2, decode_audio=False)
 
+
+
+# ----- training examples -------------------------------------------------------------------------------------------
+def test_float_speech_codes_are_refused_unless_whole(processor):
+    """Issue 12: float speech codes in a training example were truncated to integers."""
+    codes = np.random.default_rng(0).integers(0, 64, size=(3, 7))
+    example = {"task": "T1A2", "text": "hello", "answer_text": "hi", "answer_codes": codes}
+    expected = MiniOmni2DataCollator(processor)([example])
+    whole = MiniOmni2DataCollator(processor)([dict(example, answer_codes=codes.astype(np.float64).tolist())])
+    assert torch.equal(whole["labels"], expected["labels"])
+    with pytest.raises(ValueError, match=r"answer_codes must be whole numbers, got \[54.5, 40.5"):
+        MiniOmni2DataCollator(processor)([dict(example, answer_codes=codes + 0.5)])
+    with pytest.raises(ValueError, match="answer_text_ids must be whole numbers"):
+        prepare_example(dict(example, answer_text_ids=[3.7, 4.0]), processor)
+    with pytest.raises(ValueError, match="whole numbers"):
+        prepare_example(dict(example, answer_codes=torch.full((2, 7), float("nan"))), processor)
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(answer_codes=[[1, 2, 3, 4, 5, 6, 7], [1, 2]]), ValueError, "rectangular"),
+        (dict(answer_codes=[["a"] * 7]), TypeError, "must hold numbers"),
+        (dict(answer_codes=[1, 2, 3, 4, 5, 6, 7]), ValueError, "2 dimensions"),
+        (dict(answer_codes=np.full((2, 7), 64)), ValueError, "codec codes"),
+        (dict(prompt_text_ids=[5, 10_000]), ValueError, "prompt_text_ids \\(tokenizer ids\\) must be in \\[0, 448\\)"),
+        (dict(answer_text_ids=[-1]), ValueError, "must be in \\[0, 448\\)"),
+        (dict(task=["T1A2"]), ValueError, "Unknown task"),
+        (dict(task=None, output={"speech"}), ValueError, "Unknown output"),
+        (dict(text=42), TypeError, "got int"),
+        (dict(answer_text=None, answer_codes=None), ValueError, "the example has no answer"),
+    ],
+)
+def test_malformed_training_examples(processor, change, error, message):
+    codes = np.zeros((2, 7), np.int64)
+    example = dict({"task": "T1A2", "text": "hello", "answer_text": "hi", "answer_codes": codes}, **change)
+    with pytest.raises(error, match=message):
+        MiniOmni2DataCollator(processor)([example])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(input_features=np.zeros((80, 100), np.float32)), "shape \\(80, 3000\\), got \\(80, 100\\)"),
+        (dict(input_features=np.full((80, 3000), np.nan, np.float32)), "NaN"),
+        (dict(audio_num_frames=0), "in \\[1, 1500\\]"),
+        (dict(audio_num_frames=2000), "in \\[1, 1500\\]"),
+        (dict(audio_num_frames=2.5), "whole numbers"),
+        (dict(audio_num_frames=None), "need audio_num_frames"),
+    ],
+)
+def test_malformed_precomputed_audio_features(processor, change, message):
+    example = dict({"task": "A1T2", "input_features": np.zeros((80, 3000), np.float32), "audio_num_frames": 10,
+                    "answer_text": "hi"}, **change)
+    with pytest.raises(ValueError, match=message):
+        MiniOmni2DataCollator(processor)([example])
+
+
+def test_malformed_pixel_values_waveforms_and_batches(processor):
+    image = {"task": "VT2", "answer_text": "red", "pixel_values": np.zeros((3, 32, 32), np.float32)}
+    with pytest.raises(ValueError, match="pixel_values must have the processor's shape \\(3, 224, 224\\)"):
+        MiniOmni2DataCollator(processor)([image])
+    waveform = {"task": "A1T2", "answer_text": "hi", "audio_waveform": np.full(100, 50.0, np.float32)}
+    with pytest.raises(ValueError, match="peak is 50"):
+        MiniOmni2DataCollator(processor)([waveform])
+    example = {"task": "T1T2", "text": "hello", "answer_text": "hi"}
+    with pytest.raises(TypeError, match="a list of examples, got dict"):
+        MiniOmni2DataCollator(processor)(example)
+    with pytest.raises(TypeError, match="must be a dict of fields"):
+        MiniOmni2DataCollator(processor)([("hello", "hi")])
+    with pytest.raises(ValueError, match="empty batch"):
+        MiniOmni2DataCollator(processor)([])
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
+        MiniOmni2DataCollator(processor, pad_to_multiple_of=0)
+
+
+def test_malformed_built_rows(processor):
+    collator = MiniOmni2DataCollator(processor)
+    row = collator.training_rows({"task": "A1T2", "audio": (sine(0.2), 16000), "answer_text": "hi"})[0]
+    assert torch.equal(collator([row])["labels"], collator([{"task": "A1T2", "audio": (sine(0.2), 16000),
+                                                              "answer_text": "hi"}])["labels"])
+    for change, message in (
+        (dict(labels=row["labels"][:, :-1]), "must both be \\(8, seq >= 1\\)"),
+        (dict(input_ids=row["input_ids"][:7]), "must both be \\(8, seq >= 1\\)"),
+        (dict(input_features=np.zeros((0, 0), np.float32)), "input_features must be given with them"),
+        (dict(audio_feature_mask=row["audio_feature_mask"][:-1]), "zeros and ones"),
+        (dict(audio_lengths=3), "disagrees"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            collator([dict(row, **change)])

@@ -210,11 +210,16 @@ def prepare_example(
         raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
     layout = processor.layout
     if isinstance(example, Mapping) and not any(_present(example.get(name)) for name in ANSWER_FIELDS):
+        hint = ""
+        if not any(name in example for name in ANSWER_FIELDS + ("task", "output", "text")):
+            hint = (
+                ". If transformers' Trainer removed them: its default remove_unused_columns=True keeps only arguments "
+                "of the model's forward; map the dataset with MiniOmni2Preprocessor(processor, training_rows=True), "
+                "whose columns all are, or pass remove_unused_columns=False (as training_arguments() does)"
+            )
         raise ValueError(
-            f"the example has no answer ({', '.join(ANSWER_FIELDS)}); its fields are {sorted(example)}. If "
-            "transformers' Trainer removed them: its default remove_unused_columns=True keeps only arguments of the "
-            "model's forward; map the dataset with MiniOmni2Preprocessor(processor, training_rows=True), whose columns "
-            "all are, or pass remove_unused_columns=False (as training_arguments() does)"
+            f"the example has no answer: {', '.join(ANSWER_FIELDS)} are all absent or empty (its fields are "
+            f"{sorted(example)}){hint}"
         )
     task = resolve_task(example)
     inputs, output = TASKS[task]
