@@ -26,7 +26,9 @@ setup(
     extras_require={
         "train": ["peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
         "serve": ["fastapi", "uvicorn"],
-        "test": ["pytest", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
+        # decoding datasets Audio columns: torchcodec's PyPI wheels need a CUDA torch and FFmpeg (docs/inputs.md)
+        "audio": ["datasets>=3.0", "torchcodec"],
+        "test": ["pytest", "hypothesis", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
     },
     # the model cards that `mini-omni2 convert` writes, for non-editable installs
     data_files=[

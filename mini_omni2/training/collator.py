@@ -135,6 +135,9 @@ class MiniOmni2DataCollator:
             ``generate(batch_parallel=True)`` reproduce what the speech example teaches.
         truncate_audio: keep the first 30 s of longer input audio instead of refusing it.
 
+    Examples are raw or processed (:mod:`mini_omni2.training.data`), or training rows built ahead of time
+    (:meth:`training_rows`, ``MiniOmni2Preprocessor(training_rows=True)``), which are padded as they are.
+
     Returns a dict: ``input_ids`` and ``labels`` (batch, 8, seq), ``attention_mask`` and ``audio_feature_mask``
     (batch, seq), and when present ``input_features`` (n_audio, 80, frames) and ``audio_lengths`` (n_audio,),
     ``pixel_values`` (n_images, 3, 224, 224) and ``image_feature_mask`` (batch, seq); features are in row order.

@@ -4,8 +4,8 @@ An example is a plain dict (see ``docs/training.md``). Raw fields:
 
 - ``task`` (a key of :data:`~mini_omni2.token_layout.TASKS`) or ``output`` (``"speech"``, ``"text"``, ``"asr"``;
   the inputs present then pick the layout);
-- inputs: ``text`` (str), ``audio`` (path, array with ``sampling_rate``, ``(array, rate)``, a ``datasets`` audio
-  dict ``{"array", "sampling_rate"}`` or ``{"path", "bytes"}``), ``image`` (PIL image, path or array);
+- inputs: ``text`` (str), ``audio`` (any form the processor's ``load_audio`` reads: path, bytes, array with
+  ``sampling_rate``, ``(array, rate)``, ``datasets`` audio values), ``image`` (any form of ``load_image``);
 - answers: ``answer_text`` (str) and, for speech answers, ``answer_codes`` (codec frames, shape (T, 7)) or
   ``answer_audio`` (a waveform, 24 kHz unless ``answer_sampling_rate`` or the value says otherwise).
 
