@@ -579,6 +579,10 @@ class MiniOmni2Processor(ProcessorMixin):
             ) from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _encode_text(self, text: Any) -> list[int]:
+        """The former private name of :meth:`encode_text` (the serving code calls it)."""
+        return self.encode_text(text)
+
     def _pad(self, rows: Sequence) -> dict[str, torch.Tensor]:
         """Left-pad prompts to one length: pad ids (``pad_a`` per layer, ``pad_t``), mask 0, no features."""
         layout = self.layout
