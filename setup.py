@@ -31,9 +31,11 @@ setup(
         "serve": ["fastapi", "uvicorn", "websockets>=13,<16", "python-multipart", "silero-vad>=5", "soxr"],
         # int8 weight-only layers (MiniOmni2ForConditionalGeneration.quantize_int8)
         "int8": ["torchao"],
+        # decoding datasets Audio columns: torchcodec's PyPI wheels need a CUDA torch and FFmpeg (docs/inputs.md)
+        "audio": ["datasets>=3.0", "torchcodec"],
         # the serving tests drive the server with the official openai SDK (its realtime client needs websockets)
         # and the voice page with selenium + the system's chromium / chromedriver (installed by .ci/run)
-        "test": ["pytest", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer", "fastapi", "uvicorn",
+        "test": ["pytest", "hypothesis", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer", "fastapi", "uvicorn",
                  "websockets>=13,<16", "python-multipart", "silero-vad>=5", "soxr", "openai>=2", "selenium>=4.11",
                  "torchao"],
     },

@@ -198,6 +198,10 @@ class MiniOmni2PreTrainedModel(PreTrainedModel):
 class MiniOmni2Model(MiniOmni2PreTrainedModel):
     """Encoders, adapters and the Qwen2 backbone; embeds the 8 streams and places the features."""
 
+    # A full checkpoint also holds the head and the codec, which belong to MiniOmni2ForConditionalGeneration: loading
+    # the base model from it (AutoModel) drops them on purpose, without a load report.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^codec\."]
+
     def __init__(self, config: MiniOmni2Config):
         super().__init__(config)
         hidden = config.text_config.hidden_size
@@ -270,6 +274,55 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         placed = placed.masked_scatter(mask[..., None], selected)
         return torch.where(mask[:, None, :, None], placed[:, None], audio_embeds)
 
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Every stream's ids lie in its own slice of the vocabulary (SPEC §2), else a ValueError naming it."""
+        layout = self.layout
+        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+            raise TypeError(f"input_ids must be integer ids, got dtype {input_ids.dtype}")
+        offsets = layout.stream_offsets(input_ids.device)[None, :, None]
+        sizes = torch.tensor(layout.stream_vocab_sizes(), device=input_ids.device)[None, :, None]
+        local = input_ids - offsets
+        outside = (local < 0) | (local >= sizes)
+        if bool(outside.any()):
+            stream = int(outside.any(dim=2).any(dim=0).nonzero()[0])
+            low = int(offsets[0, stream, 0])
+            bad = input_ids[:, stream][outside[:, stream]][:5].tolist()
+            name = "text" if stream == layout.text_stream else f"audio layer {stream + 1}"
+            raise ValueError(
+                f"input_ids of stream {stream} ({name}) must lie in [{low}, {low + int(sizes[0, stream, 0])}), got "
+                f"{bad}; build prompts with the processor or TokenLayout"
+            )
+
+    def _check_features_given(
+        self, input_ids: torch.Tensor, audio_feature_mask: torch.Tensor | None, image_feature_mask: torch.Tensor | None
+    ) -> None:
+        """A prompt that starts an audio or image input (``input_a`` or ``image`` then ``pad_a`` on the first audio
+        stream, SPEC §4) must come with its feature positions: without them the model would not hear or see."""
+        if input_ids.shape[-1] < 2:  # a decoding step: no prompt
+            return
+        layout = self.layout
+        first_layer = input_ids[:, 0]
+        pad = layout.layershift(layout.pad_a, 0)
+        starts = (first_layer != pad).long().argmax(dim=1)  # the first non-padding position of each row
+        rows = torch.arange(first_layer.shape[0], device=first_layer.device)
+        marker = first_layer[rows, starts]
+        follows = first_layer[rows, (starts + 1).clamp(max=first_layer.shape[1] - 1)]
+        opens = (follows == pad) & (starts + 1 < first_layer.shape[1])
+        for kind, token, mask in (
+            ("audio", layout.input_a, audio_feature_mask),
+            ("image", layout.image, image_feature_mask),
+        ):
+            needs = opens & (marker == layout.layershift(token, 0))
+            if mask is not None:
+                needs &= ~mask.bool().any(dim=1)
+            if bool(needs.any()):
+                row = int(needs.nonzero()[0])
+                raise ValueError(
+                    f"row {row} of input_ids holds a prompt with {kind} positions but no {kind} features are given "
+                    f"for it: pass input_features/audio_feature_mask (audio) or pixel_values/image_feature_mask "
+                    f"(images), as the processor returns them"
+                )
+
     def embed(
         self,
         input_ids: torch.LongTensor,
@@ -282,6 +335,9 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         layout = self.layout
         if input_ids.ndim != 3 or input_ids.shape[1] != layout.num_streams:
             raise ValueError(f"input_ids must have shape (batch, {layout.num_streams}, seq), got {tuple(input_ids.shape)}")
+        if not torch.compiler.is_compiling():
+            self._check_input_ids(input_ids)
+            self._check_features_given(input_ids, audio_feature_mask, image_feature_mask)
         embeds = self.get_input_embeddings()(input_ids)  # (batch, 8, seq, hidden)
         audio_embeds = embeds[:, : layout.num_audio_layers]
         if (input_features is None) != (audio_feature_mask is None or not bool(audio_feature_mask.any())):
@@ -389,6 +445,15 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
     @property
     def layout(self) -> TokenLayout:
         return self.config.token_layout
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, with the codec frozen again (loading makes fresh trainable tensors)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if getattr(model, "codec", None) is not None:
+            model.codec.requires_grad_(False)
+        return loaded
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import soundfile
 
 from conftest import sine
@@ -73,3 +74,50 @@ def test_chat_with_a_model_it_cannot_load_says_so(tmp_path, capsys):
     assert "mini-omni2 convert --source" in err
     assert main(["chat", "--model", str(tmp_path / "missing"), "--text", "hi"]) == 2
     assert "error: cannot load" in capsys.readouterr().err
+
+
+# ----- one error line, before the work (issue 12) ---------------------------------------------------------------
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "loading tiny-random" not in err  # refused before the model was loaded
+    return lines[0]
+
+
+def test_chat_out_is_checked_before_the_model_is_loaded(tmp_path, capsys):
+    """Issue 12: --out into a missing folder failed after generating, and the answer was lost."""
+    base = ["chat", "--model", "tiny-random", "--text", "hi", "--max-new-tokens", "4"]
+    assert main(base + ["--out", str(tmp_path / "missing" / "answer.wav")]) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert main(base + ["--out", str(tmp_path)]) == 2
+    assert "is a folder" in _error_line(capsys)
+    assert main(base + ["--out", str(tmp_path / "answer.xyz")]) == 2
+    assert "cannot write XYZ" in _error_line(capsys)
+    (tmp_path / "file").write_text("x")
+    assert main(base + ["--out", str(tmp_path / "file" / "answer.wav")]) == 2
+    assert "does not exist" in _error_line(capsys)
+
+
+def test_chat_device_that_this_torch_cannot_use(monkeypatch, capsys):
+    """Issue 12: --device cuda on a CPU-only torch ended in an AssertionError traceback."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["chat", "--model", "tiny-random", "--text", "hi", "--device", "cuda"]) == 2
+    assert "cannot use cuda here; use --device cpu" in _error_line(capsys)
+    assert main(["chat", "--model", "tiny-random", "--text", "hi", "--device", "gpu7"]) == 2
+    assert "is not a torch device" in _error_line(capsys)
+
+
+def test_chat_bad_prompt_files_and_numbers(tmp_path, capsys):
+    assert main(["chat", "--model", "tiny-random", "--audio", str(tmp_path / "none.wav"), "--output", "text"]) == 2
+    assert "audio file not found" in _error_line(capsys)
+    (tmp_path / "noise.wav").write_bytes(b"RIFF....not really")
+    assert main(["chat", "--model", "tiny-random", "--audio", str(tmp_path / "noise.wav"), "--output", "text"]) == 2
+    assert "cannot decode" in _error_line(capsys)
+    for flag, value in (("--max-new-tokens", "0"), ("--temperature", "-1"), ("--top-p", "1.5"), ("--top-k", "-2")):
+        with pytest.raises(SystemExit) as info:
+            main(["chat", "--model", "tiny-random", "--text", "hi", flag, value])
+        assert info.value.code == 2
+        assert f"argument {flag}" in capsys.readouterr().err

@@ -627,9 +627,9 @@ def test_cli_reports_a_broken_release(releases, tmp_path, capsys):
         ["--source", str(release), "--output", str(tmp_path / "out"), "--snac", str(releases["mini-omni"][1]),
          "--no-progress"]
     )
-    assert run_convert(args) == 1
-    out = capsys.readouterr().out
-    assert "missing tensor 'transformer.ln_f.weight'" in out
+    assert run_convert(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "missing tensor 'transformer.ln_f.weight'" in err
     assert not (tmp_path / "out" / "config.json").exists()
 
 
@@ -706,3 +706,162 @@ def test_converted_folders_load_without_the_package(converted, models, tmp_path)
         torch.testing.assert_close(torch.tensor(entry["last_logits"]), expected, atol=1e-5, rtol=0)
         assert entry.get("card_ran"), "generate is missing: the model card's usage code was not run"
     assert (tmp_path / "answer.wav").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# corrupted, empty or foreign files; the output folder (issue 12)
+# ----------------------------------------------------------------------------------------------------------------
+def _release_with(releases, tmp_path, family: str, name: str, content) -> tuple[Path, Path]:
+    """A copy of a synthetic release (links) whose file ``name`` is replaced by ``content`` (bytes, or a callable
+    writing the file); SNAC files are looked up in the SNAC folder."""
+    release, snac = releases[family]
+    copies = {}
+    for label, folder in (("release", release), ("snac", snac)):
+        copy = tmp_path / label
+        copy.mkdir()
+        for item in folder.iterdir():
+            (copy / item.name).symlink_to(item)
+        copies[label] = copy
+    target = copies["snac" if name in ("pytorch_model.bin", "config.json") else "release"] / name
+    target.unlink()
+    if callable(content):
+        content(target)
+    else:
+        target.write_bytes(content)
+    return copies["release"], copies["snac"]
+
+
+def _half_of(path: Path):
+    return lambda target: target.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BROKEN_FILES = [
+    ("mini-omni2", "lit_model.pth", b"", "is empty"),
+    ("mini-omni2", "lit_model.pth", b"\x00\x01garbage" * 10, "cannot be read"),
+    ("mini-omni2", "lit_model.pth", "half", "cannot be read"),
+    ("mini-omni2", "lit_model.pth", "text", "cannot be read"),
+    ("mini-omni2", "lit_model.pth", "whisper", "not tensors: 'dims' \\(dict\\)"),
+    ("mini-omni2", "lit_model.pth", "list", "found a list"),
+    ("mini-omni2", "ViT-B-32.pt", b"", "is empty"),
+    ("mini-omni2", "ViT-B-32.pt", "half", "cannot be read"),
+    ("mini-omni2", "ViT-B-32.pt", "whisper", "not tensors"),
+    ("mini-omni", "small.pt", b"", "is empty"),
+    ("mini-omni", "small.pt", "lit", "not an openai-whisper checkpoint"),
+    ("mini-omni", "model_config.yaml", b"", "empty or not a mapping"),
+    ("mini-omni", "model_config.yaml", b"n_head: [unclosed", "cannot be read \\(ScannerError|cannot be read \\(ParserError"),
+    ("mini-omni", "pytorch_model.bin", b"PK\x03\x04broken zip", "cannot be read"),
+    ("mini-omni", "config.json", b"{not json", "cannot be read \\(JSONDecodeError"),
+]
+
+
+@pytest.mark.parametrize("family,name,content,message", BROKEN_FILES,
+                         ids=[f"{n}-{c if isinstance(c, str) else len(c)}" for _, n, c, _ in BROKEN_FILES])
+def test_a_corrupted_empty_or_foreign_file_is_named(releases, tmp_path, family, name, content, message):
+    """Issue 12: such files ended in UnicodeDecodeError, UnpicklingError or a bare EOFError."""
+    source = releases[family][0]
+    writers = {
+        "half": _half_of((source if name != "pytorch_model.bin" else releases[family][1]) / name),
+        "text": lambda target: target.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n"),
+        "whisper": lambda target: target.write_bytes((source / "small.pt").read_bytes()),
+        "lit": lambda target: target.write_bytes((source / "lit_model.pth").read_bytes()),
+        "list": lambda target: torch.save([torch.ones(2)], target),
+    }
+    release, snac = _release_with(releases, tmp_path, family, name, writers.get(content, content))
+    with pytest.raises(ConversionError, match=message) as info:
+        convert_checkpoint(release, tmp_path / "out", snac=snac, progress=False)
+    assert name in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(n_head="six"), "n_head is 'six', expected a positive integer"),
+        (dict(n_head=0), "n_head is 0, expected a positive integer"),
+        (dict(norm_eps="small"), "norm_eps is 'small', expected a number"),
+        (dict(bias="no"), "bias is 'no', expected bool"),
+        (dict(padded_vocab_size=12.5), "padded_vocab_size is 12.5"),
+    ],
+)
+def test_mistyped_yaml_values_are_problems(loaded, change, message):
+    problems = _problems(dict(loaded, lit_raw=dict(loaded["lit_raw"], **change)))
+    assert any(re.search(message, p) for p in problems), problems
+
+
+def test_mistyped_whisper_dims_and_snac_config_are_problems(loaded):
+    broken = dict(loaded, whisper_dims=dict(loaded["whisper_dims"], n_audio_head="2"),
+                  snac_raw=dict(loaded["snac_raw"], vq_strides=[4, "2", 1]))
+    text = "\n".join(_problems(broken))
+    assert "small.pt dims: n_audio_head is '2', expected a positive integer" in text
+    assert "SNAC config.json: vq_strides is [4, '2', 1]" in text
+
+
+def test_converting_over_an_older_sharded_conversion(releases, tmp_path):
+    """Issue 12: the stale model.safetensors.index.json of an older sharded conversion stayed, naming deleted shards,
+    and the folder check read it and passed."""
+    release, snac = releases["mini-omni"]
+    output = tmp_path / "out"
+    convert_checkpoint(release, output, snac=snac, progress=False, max_shard_size="300KB")
+    assert len(list(output.glob("model-*.safetensors"))) > 1 and (output / "model.safetensors.index.json").is_file()
+    (output / "notes.txt").write_text("mine")  # not a weight file: kept
+    convert_checkpoint(release, output, snac=snac, progress=False)  # one file this time
+    assert sorted(p.name for p in output.glob("model*.safetensors*")) == ["model.safetensors"]
+    assert (output / "notes.txt").read_text() == "mine"
+    MiniOmni2ForConditionalGeneration.from_pretrained(output)
+
+
+def test_the_folder_check_does_not_trust_an_index(releases, tmp_path):
+    from mini_omni2.conversion.convert import _verify_folder
+
+    release, snac = releases["mini-omni"]
+    output = convert_checkpoint(release, tmp_path / "out", snac=snac, progress=False)
+    with safe_open_keys(output / "model.safetensors") as names:
+        expected = set(names)
+    _verify_folder(output, expected)
+    stale = {"metadata": {}, "weight_map": {name: "model-00001-of-00002.safetensors" for name in expected}}
+    (output / "model.safetensors.index.json").write_text(json.dumps(stale))
+    with pytest.raises(ConversionError) as info:
+        _verify_folder(output, expected)
+    text = str(info.value)
+    assert "names model-00001-of-00002.safetensors, which is not in the folder" in text
+    assert "model.safetensors is in the folder but not in model.safetensors.index.json" in text
+
+
+class safe_open_keys:
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self.handle = safe_open(str(path), "pt")
+
+    def __enter__(self):
+        return list(self.handle.keys())
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_the_output_is_checked_before_anything_is_read(releases, tmp_path):
+    release, snac = releases["mini-omni"]
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    with pytest.raises(ConversionError, match="exists and is not a folder"):
+        convert_checkpoint(tmp_path / "no-release-here", a_file, progress=False)
+    with pytest.raises(ConversionError, match="taken is not a folder"):
+        convert_checkpoint(tmp_path / "no-release-here", a_file / "sub" / "out", progress=False)
+    with pytest.raises(ConversionError, match="is the release folder itself"):
+        convert_checkpoint(release, release, snac=snac, progress=False)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        convert_checkpoint(tmp_path / "no-release-here", tmp_path / "out", max_shard_size="big", progress=False)
+
+
+def test_convert_cli_errors_are_one_line(releases, tmp_path, capsys):
+    from mini_omni2.cli import main
+
+    release, snac = _release_with(releases, tmp_path, "mini-omni", "lit_model.pth", b"")
+    code = main(["convert", "--source", str(release), "--snac", str(snac), "--output", str(tmp_path / "out"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert str(release / "lit_model.pth") in err
+    assert main(["convert", "--source", str(release), "--output", str(tmp_path / "o2"), "--max-shard-size", "-3"]) == 2
+    assert capsys.readouterr().err.startswith("error: max_shard_size must be")

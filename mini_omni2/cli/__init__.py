@@ -21,8 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.command == "chat":
         from .chat import run_chat
 
@@ -34,6 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     from ..conversion.convert import run_convert
 
     return run_convert(args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command. Bad input (ValueError, TypeError, including ConversionError) and files that cannot be read or
+    written (OSError) end in one ``error:`` line on stderr and exit status 2, without a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

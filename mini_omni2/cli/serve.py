@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .loading import TINY_RANDOM, TINY_RANDOM_MAX_NEW_TOKENS, ModelLoadError, load, warn_tiny_random
+from .loading import TINY_RANDOM, TINY_RANDOM_MAX_NEW_TOKENS, ModelLoadError, describe, load, warn_tiny_random
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -50,8 +50,7 @@ def build_app(args: argparse.Namespace):
         warn_tiny_random(" (use it to try the server, not the model)")
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, processor = load(args.model, args.device, args.dtype)
-    param = next(model.parameters())
-    print(f"model on {param.device} in {str(param.dtype).replace('torch.', '')}", file=sys.stderr, flush=True)
+    print(describe(model), file=sys.stderr, flush=True)
     max_tokens = args.max_tokens or (TINY_RANDOM_MAX_NEW_TOKENS if random_weights else 1024)
     return create_app(
         model, processor, args.served_model_name or args.model,

@@ -74,20 +74,51 @@ def resolve_source(source: str | os.PathLike, allow_patterns: list[str]) -> Path
     from huggingface_hub import snapshot_download
 
     logger.info("downloading %s from the Hub", text)
-    return Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns))
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=allow_patterns))
+    except (OSError, ValueError) as error:  # offline, unknown repo, no access (huggingface_hub's errors)
+        raise ConversionError([f"cannot download {text!r} from the Hub: {type(error).__name__}: {error}"]) from None
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` of plain tensors only; memory-mapped where the file format allows it (zip archives)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+def _unreadable(path: Path, error: BaseException, expected: str) -> ConversionError:
+    """The one error for a release file that cannot be read: its path, what went wrong, what was expected."""
+    size = path.stat().st_size if path.is_file() else 0
+    what = "is empty" if size == 0 else f"cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    return ConversionError([f"{path} {what}; expected {expected}"], header="A release file is corrupted or foreign")
+
+
+def _torch_load(path: Path, expected: str = "a PyTorch checkpoint (torch.save)") -> Any:
+    """``torch.load`` of plain tensors only; memory-mapped where the file format allows it (zip archives). Empty,
+    truncated, corrupted or foreign files (a pickle of anything but tensors, text ...) end in a ConversionError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # torch.load raises whatever its unpickler meets: EOFError, UnpicklingError ...
+        raise _unreadable(path, error, expected) from error
+
+
+def _tensor_dict(value: Any, path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """A loaded state dict, checked to be a flat mapping of names to tensors."""
+    if not isinstance(value, dict):
+        raise ConversionError([f"{path}: expected {expected}, found a {type(value).__name__}"],
+                              header="A release file is foreign")
+    foreign = [f"{k!r} ({type(v).__name__})" for k, v in value.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if foreign:
+        raise ConversionError(
+            [f"{path}: expected {expected}, but these entries are not tensors: {', '.join(foreign[:5])}"],
+            header="A release file is foreign",
+        )
+    return dict(value)
 
 
 def _is_torchscript(path: Path) -> bool:
     """TorchScript archives are zip files with a ``code/`` folder and ``constants.pkl``."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise _unreadable(path, error, "the OpenAI CLIP TorchScript archive") from error
     return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
@@ -97,26 +128,55 @@ def load_clip_state(path: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     if _is_torchscript(path):
         with warnings.catch_warnings():  # torch.jit is deprecated, but it is the release's format
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
+            try:
+                module = torch.jit.load(str(path), map_location="cpu")
+            except Exception as error:  # a damaged archive: RuntimeError from the TorchScript reader, or worse
+                raise _unreadable(path, error, "the OpenAI CLIP TorchScript archive") from error
         state = {k: v.detach() for k, v in module.state_dict().items()}
         try:
             heads = int(getattr(module.visual.transformer.resblocks, "0").attn.num_heads)
         except Exception:  # traced archives (OpenAI's) do not keep plain attributes
             heads = None
         return state, heads
-    state = _torch_load(path)
+    expected = "an OpenAI CLIP TorchScript archive or its state dict"
+    state = _torch_load(path, expected)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ConversionError([f"{path.name}: expected a TorchScript archive or a state dict, got {type(state).__name__}"])
-    return dict(state), None
+    return _tensor_dict(state, path, expected), None
 
 
 def load_whisper(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    checkpoint = _torch_load(path)
+    expected = "an openai-whisper checkpoint (a dict with 'dims' and 'model_state_dict')"
+    checkpoint = _torch_load(path, expected)
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
-        raise ConversionError([f"{path.name}: not an openai-whisper checkpoint (a dict with 'dims' and 'model_state_dict')"])
-    return dict(checkpoint["dims"]), dict(checkpoint["model_state_dict"])
+        found = sorted(map(str, checkpoint))[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ConversionError([f"{path}: not {expected}; found {found}"], header="A release file is foreign")
+    if not isinstance(checkpoint["dims"], dict):
+        raise ConversionError([f"{path}: 'dims' must be a dict of sizes, found {type(checkpoint['dims']).__name__}"])
+    return dict(checkpoint["dims"]), _tensor_dict(checkpoint["model_state_dict"], path, expected)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise _unreadable(path, error, "the LitGPT model_config.yaml (a YAML mapping)") from error
+    if not isinstance(raw, dict):
+        raise ConversionError([f"{path} is empty or not a mapping; expected the LitGPT model_config.yaml"])
+    return raw
+
+
+def _read_json(path: Path, expected: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _unreadable(path, error, expected) from error
+    if not isinstance(raw, dict):
+        raise ConversionError([f"{path} is not a JSON object; expected {expected}"])
+    return raw
 
 
 def load_tokenizer(folder: Path):
@@ -144,8 +204,6 @@ def load_sources(
     source: str | os.PathLike, snac: str | os.PathLike | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Read every release file. Returns a dict with the raw configs and state dicts (and the folders used)."""
-    import yaml
-
     folder = resolve_source(source, RELEASE_FILES + [VISION_FILE])
     snac_folder = resolve_source(snac or DEFAULT_SNAC, SNAC_FILES)
     missing = [f"{folder}: missing {name}" for name in RELEASE_FILES if not (folder / name).is_file()]
@@ -157,22 +215,20 @@ def load_sources(
     loaded: dict[str, Any] = {"folder": folder, "snac_folder": snac_folder}
     for step in _progress(progress, "reading the release")(steps):
         if step == "model_config.yaml":
-            with open(folder / "model_config.yaml", encoding="utf-8") as handle:
-                raw = yaml.safe_load(handle)
-            if not isinstance(raw, dict):
-                raise ConversionError([f"{folder / 'model_config.yaml'} is empty or not a mapping"])
-            loaded["lit_raw"] = raw
+            loaded["lit_raw"] = _read_yaml(folder / "model_config.yaml")
         elif step == LIT:
-            state = _torch_load(folder / "lit_model.pth")
+            expected = "the LitGPT state dict of Mini-Omni (names -> tensors)"
+            state = _torch_load(folder / "lit_model.pth", expected)
             if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
                 state = state["model"]  # LitGPT training checkpoints nest the weights under "model"
-            loaded["lit_state"] = dict(state)
+            loaded["lit_state"] = _tensor_dict(state, folder / "lit_model.pth", expected)
         elif step == WHISPER:
             loaded["whisper_dims"], loaded["whisper_state"] = load_whisper(folder / "small.pt")
         elif step == SNAC:
-            with open(snac_folder / "config.json", encoding="utf-8") as handle:
-                loaded["snac_raw"] = json.load(handle)
-            loaded["snac_state"] = dict(_torch_load(snac_folder / "pytorch_model.bin"))
+            loaded["snac_raw"] = _read_json(snac_folder / "config.json", "the SNAC config.json")
+            expected = "the SNAC state dict (names -> tensors)"
+            state = _torch_load(snac_folder / "pytorch_model.bin", expected)
+            loaded["snac_state"] = _tensor_dict(state, snac_folder / "pytorch_model.bin", expected)
         elif step == CLIP:
             has_vision = any(k.startswith("vision_adapter.") for k in loaded["lit_state"])
             loaded["has_vision"] = has_vision
@@ -199,7 +255,10 @@ def convert_state(loaded: dict[str, Any], progress: bool = True):
     if problems or config is None:
         raise ConversionError(problems or ["no config could be built"], header="The release's configs cannot be converted")
 
-    model = build_empty_model(config)
+    try:
+        model = build_empty_model(config)
+    except (ValueError, TypeError, RuntimeError, AssertionError) as error:  # sizes the modules cannot be built with
+        raise ConversionError([f"{type(error).__name__}: {error}"], header="The release's sizes do not build a model") from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     target, mapped = map_state_dicts(
         loaded["lit_state"],
@@ -263,8 +322,67 @@ def _model_card(config, repo_id: str | None, output: Path) -> str:
     return card.replace(REPO_ID_PLACEHOLDER, repo_id or str(output))
 
 
+#: Weight files a conversion writes (``save_pretrained``): removed from the output folder before writing, so that an
+#: older conversion's shards or index cannot be left behind and be taken for the new one.
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_output_folder(output: Path, source: str | os.PathLike) -> None:
+    """Refuse, before any work, an output that cannot be written: a file, an unwritable folder, the source itself."""
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if output.exists() and not output.is_dir():
+        raise ConversionError([f"output {output} exists and is not a folder"], header="Cannot write the output")
+    if not existing.is_dir():
+        raise ConversionError([f"output {output}: {existing} is not a folder"], header="Cannot write the output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConversionError([f"output {output}: {existing} is not writable"], header="Cannot write the output")
+    source_path = Path(source).expanduser()
+    if source_path.is_dir() and output.exists() and output.resolve() == source_path.resolve():
+        raise ConversionError([f"output {output} is the release folder itself; write the conversion elsewhere"],
+                              header="Cannot write the output")
+
+
+def remove_stale_weights(output: Path) -> list[str]:
+    """Delete the weight files of an earlier conversion in ``output`` (:data:`WEIGHT_FILES`); returns their names."""
+    removed = sorted({path.name for pattern in WEIGHT_FILES for path in output.glob(pattern) if path.is_file()})
+    for name in removed:
+        (output / name).unlink()
+    if removed:
+        logger.info("removed the weights of an earlier conversion in %s: %s", output, ", ".join(removed))
+    return removed
+
+
+def _written_weights(output: Path, problems: list[str]) -> set[str]:
+    """The tensor names really in the folder's safetensors files, checked against the index (if any) file by file."""
+    from safetensors import safe_open
+
+    files = sorted(path.name for path in output.glob("model*.safetensors"))
+    held: dict[str, set[str]] = {}
+    for name in files:
+        with safe_open(str(output / name), "pt") as handle:
+            held[name] = set(handle.keys())
+    index = output / "model.safetensors.index.json"
+    if not index.is_file():
+        if files != ["model.safetensors"]:
+            problems.append(f"expected model.safetensors alone (no index), found {files}")
+        return set().union(*held.values()) if held else set()
+    weight_map = json.loads(index.read_text())["weight_map"]
+    named = set(weight_map.values())
+    for name in sorted(named - set(files)):
+        problems.append(f"model.safetensors.index.json names {name}, which is not in the folder")
+    for name in sorted(set(files) - named):
+        problems.append(f"{name} is in the folder but not in model.safetensors.index.json (a stale shard)")
+    for tensor, name in sorted(weight_map.items()):
+        if name in held and tensor not in held[name]:
+            problems.append(f"model.safetensors.index.json puts {tensor!r} in {name}, which does not hold it")
+    return {tensor for name in named & set(files) for tensor in held[name]}
+
+
 def _verify_folder(output: Path, expected_names: set[str]) -> None:
-    """Check what a Hub user needs: auto_map + code files, processor auto_map, and the weight index."""
+    """Check what a Hub user needs: auto_map + code files, processor auto_map, and the weights really written."""
     problems = []
     config = json.loads((output / "config.json").read_text())
     auto_map = config.get("auto_map", {})
@@ -279,14 +397,7 @@ def _verify_folder(output: Path, expected_names: set[str]) -> None:
         for ref in reference if isinstance(reference, list) else [reference]:
             if ref and not (output / (ref.split(".")[0] + ".py")).is_file():
                 problems.append(f"auto_map names {ref} but its code file is not in the folder")
-    index = output / "model.safetensors.index.json"
-    if index.is_file():
-        names = set(json.loads(index.read_text())["weight_map"])
-    else:
-        from safetensors import safe_open
-
-        with safe_open(str(output / "model.safetensors"), "pt") as handle:
-            names = set(handle.keys())
+    names = _written_weights(output, problems)
     if names != expected_names:
         problems.append(
             f"the written weights differ from the model's: missing {sorted(expected_names - names)[:5]}, "
@@ -294,6 +405,21 @@ def _verify_folder(output: Path, expected_names: set[str]) -> None:
         )
     if problems:
         raise ConversionError(problems, header=f"The written folder {output} is not Hub-ready")
+
+
+def _shard_size(value: str | int) -> str | int:
+    """``max_shard_size`` as ``save_pretrained`` takes it ('2GB' or bytes), checked before any work."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    try:
+        size = convert_file_size_to_int(value)
+    except (ValueError, TypeError, AttributeError):
+        size = None
+    if isinstance(value, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"max_shard_size must be a size like '2GB' or a positive number of bytes, got {value!r}")
+    return value
 
 
 def convert_checkpoint(
@@ -311,7 +437,8 @@ def convert_checkpoint(
 
     Args:
         source: a release folder or its Hub id (``gpt-omni/mini-omni2``, ``gpt-omni/mini-omni``).
-        output: the folder to write (created; existing files of the same names are replaced).
+        output: the folder to write (created; existing files of the same names are replaced, and the weight files of
+            an earlier conversion are removed first). It is checked before anything is read.
         snac: the SNAC folder or Hub id (default ``hubertsiuzdak/snac_24khz``).
         dtype: ``float32`` (exact), ``bfloat16`` or ``float16`` for everything but the codec, which stays float32.
         push_to_hub: a repo id to upload the folder to (created if needed).
@@ -324,11 +451,13 @@ def convert_checkpoint(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    max_shard_size = _shard_size(max_shard_size)
     from .. import register
     from ..processing_mini_omni2 import MiniOmni2Processor
 
     register()
-    output = Path(output)
+    output = Path(output).expanduser()
+    check_output_folder(output, source)
     loaded = load_sources(source, snac, progress=progress)
     model, target, report = convert_state(loaded, progress=progress)
     _load_into(model, target, progress)
@@ -353,6 +482,7 @@ def convert_checkpoint(
     processor = MiniOmni2Processor.from_config(model.config, tokenizer=tokenizer, image_processor=image_processor)
 
     output.mkdir(parents=True, exist_ok=True)
+    remove_stale_weights(output)
     if progress:
         logger.info("writing %s", output)
     model.save_pretrained(str(output), max_shard_size=max_shard_size)
@@ -401,8 +531,8 @@ def run_convert(args: argparse.Namespace) -> int:
             private=args.private or None,
         )
     except ConversionError as error:
-        print(f"error: {error}")
-        return 1
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0
 

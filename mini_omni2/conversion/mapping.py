@@ -72,6 +72,18 @@ LITGPT_DEFAULTS: dict[str, Any] = dict(
     asr_adapter="llamamlp",
 )
 
+#: The type of the release's Config fields whose default is None (the rest take the type of their default).
+LITGPT_OPTIONAL_TYPES = dict(
+    padded_vocab_size=int, head_size=int, n_query_groups=int, intermediate_size=int, add_qkv_bias=bool,
+    prompt_vocab_size=int,
+)
+#: Sizes that must be positive (the rest of the integer fields may be 0).
+LITGPT_POSITIVE = (
+    "block_size", "n_layer", "n_head", "head_size", "n_embd", "n_query_groups", "intermediate_size",
+    "padded_vocab_size", "text_vocab_size", "audio_vocab_size", "whisper_adapter_dim", "vision_adapter_dim",
+    "rope_condense_ratio",
+)
+
 # Source labels used in messages.
 LIT, WHISPER, CLIP, SNAC = "lit_model.pth", "small.pt", "ViT-B-32.pt", "SNAC pytorch_model.bin"
 
@@ -165,7 +177,7 @@ def litgpt_config(raw: Mapping[str, Any], problems: list[str], notes: list[str])
     if unknown:
         notes.append(f"model_config.yaml: ignored keys unknown to the release's LitGPT Config: {', '.join(unknown)}")
     cfg = dict(LITGPT_DEFAULTS)
-    cfg.update({k: v for k, v in raw.items() if k in LITGPT_DEFAULTS})
+    cfg.update({k: v for k, v in raw.items() if k in LITGPT_DEFAULTS and _litgpt_value_ok(k, v, problems)})
     if cfg["head_size"] is None:
         if cfg["n_embd"] % cfg["n_head"]:
             problems.append(f"model_config.yaml: n_embd {cfg['n_embd']} is not a multiple of n_head {cfg['n_head']}")
@@ -219,12 +231,44 @@ def litgpt_config(raw: Mapping[str, Any], problems: list[str], notes: list[str])
     return cfg
 
 
+def _litgpt_value_ok(key: str, value: Any, problems: list[str]) -> bool:
+    """Whether a yaml value has the type of the release's Config field (a problem is recorded if not; the field then
+    keeps its default, so that every other problem is still found)."""
+    default = LITGPT_DEFAULTS[key]
+    kind = LITGPT_OPTIONAL_TYPES.get(key, type(default))
+    if value is None and (default is None or key in LITGPT_OPTIONAL_TYPES):
+        return True
+    if kind is float:
+        try:
+            ok = not isinstance(value, bool) and float(value) == float(value)  # numbers and numeric strings, not NaN
+        except (TypeError, ValueError):
+            ok = False
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 1 if key in LITGPT_POSITIVE else value >= 0)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        what = {int: "a positive integer" if key in LITGPT_POSITIVE else "a non-negative integer", float: "a number"}
+        problems.append(f"model_config.yaml: {key} is {value!r}, expected {what.get(kind, kind.__name__)}")
+    return ok
+
+
+def _positive_ints(values: Mapping[str, Any], keys: Iterable[str], label: str, problems: list[str]) -> bool:
+    bad = [k for k in keys if k in values and (isinstance(values[k], bool) or not isinstance(values[k], int) or values[k] < 1)]
+    for key in bad:
+        problems.append(f"{label}: {key} is {values[key]!r}, expected a positive integer")
+    return not bad
+
+
 def whisper_config(dims: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     """``WhisperConfig`` kwargs from openai-whisper ``dims`` (only the encoder is built; MLP width 4 x state)."""
     needed = ["n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer"]
     missing = [k for k in needed if k not in dims]
     if missing:
         problems.append(f"{WHISPER}: dims lacks {', '.join(missing)}")
+        return {}
+    optional = ["n_vocab", "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer"]
+    if not _positive_ints(dims, needed + optional, f"{WHISPER} dims", problems):
         return {}
     state = int(dims["n_audio_state"])
     config = dict(
@@ -300,7 +344,20 @@ def snac_config(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
     if unknown:
         problems.append(f"SNAC config.json: keys unknown to snac.SNAC: {', '.join(unknown)}")
     config = dict(defaults)
-    config.update({k: v for k, v in raw.items() if k in defaults})
+    for key, value in raw.items():
+        if key not in defaults:
+            continue
+        default = defaults[key]
+        if isinstance(default, bool) or isinstance(value, bool):
+            ok = isinstance(value, bool) and isinstance(default, bool)
+        elif isinstance(default, (list, tuple)):
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+        else:  # sizes; latent_dim and attn_window_size may also be None (derived / no local attention)
+            ok = (value is None and key in ("latent_dim", "attn_window_size")) or (isinstance(value, int) and value >= 1)
+        if ok:
+            config[key] = value
+        else:
+            problems.append(f"SNAC config.json: {key} is {value!r}, which snac.SNAC cannot take (default {default!r})")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 

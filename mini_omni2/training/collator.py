@@ -13,15 +13,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from transformers.utils import logging
 
-from .data import _codec_of, _present, prepare_example
+from .data import _as_features, _as_ids, _codec_of, _present, prepare_example
 from ..modeling_mini_omni2 import IGNORE_INDEX
-from ..processing_mini_omni2 import SAMPLING_RATE, load_image
 from ..token_layout import OUTPUT_SPEECH, TASKS, TokenLayout
 
 logger = logging.get_logger(__name__)
@@ -60,19 +59,19 @@ def build_training_row(
         raise ValueError(f"Unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     speech = TASKS[task][1] == OUTPUT_SPEECH
     codes = None
-    if answer_codes is not None and np.asarray(answer_codes).size > 0:
-        codes = torch.as_tensor(np.asarray(answer_codes), dtype=torch.long)
+    if _present(answer_codes):
+        codes = torch.from_numpy(_as_ids(answer_codes, "answer_codes", 2))
     if speech and codes is None:
         raise ValueError(f"task {task} has a speech answer and needs answer codes (T, {layout.num_audio_layers})")
     if not speech and codes is not None:
         raise ValueError(f"task {task} has a text answer; it takes no answer codes")
-    text_ids = [int(t) for t in answer_text_ids]
+    text_ids = _as_ids(answer_text_ids, "answer_text_ids", 1).tolist() if _present(answer_text_ids) else []
     if not speech and not text_ids:
         raise ValueError(f"task {task} has a text answer; it needs answer text ids")
     bad = [t for t in text_ids if not 0 <= t < layout.tokenizer_vocab_size]
     if bad:
         raise ValueError(f"answer text ids must be tokenizer ids in [0, {layout.tokenizer_vocab_size}), got {bad[:5]}")
-    prompt_ids = [int(t) for t in prompt_text_ids] if prompt_text_ids is not None and len(prompt_text_ids) else None
+    prompt_ids = _as_ids(prompt_text_ids, "prompt_text_ids", 1).tolist() if _present(prompt_text_ids) else None
     prompt = layout.build_prompt(task, text_ids=prompt_ids, num_audio_frames=num_audio_frames or None)
     answer, learned = layout.delay_answer(text_ids, codes)
     if speech and len(text_ids) + 1 > codes.shape[0] + layout.num_audio_layers + 1:
@@ -88,6 +87,34 @@ def build_training_row(
         for a, flags in zip(answer, learned)
     ]
     return TrainingRow(input_ids, labels, prompt.audio_positions, prompt.image_positions, len(prompt))
+
+
+#: The columns of a built training row (``MiniOmni2Preprocessor(training_rows=True)``). Every one is an argument of the
+#: model's ``forward``, so transformers' ``Trainer`` keeps them with its default ``remove_unused_columns=True``.
+ROW_FIELDS = (
+    "input_ids",
+    "labels",
+    "audio_feature_mask",
+    "image_feature_mask",
+    "input_features",
+    "audio_lengths",
+    "pixel_values",
+)
+
+
+def is_training_row(example: Any) -> bool:
+    """Whether an example is a built training row (``input_ids`` and ``labels``) rather than a raw example."""
+    return isinstance(example, Mapping) and "input_ids" in example and "labels" in example
+
+
+def _positions(value: Any, length: int, what: str) -> list[int]:
+    """A row's feature mask (length,) of 0/1 or bools -> the masked positions."""
+    if not _present(value):
+        return []
+    mask = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value)
+    if mask.shape != (length,) or mask.dtype.kind not in "biuf" or not np.isin(mask, (0, 1)).all():
+        raise ValueError(f"{what} must be {length} zeros and ones (one per position), got shape {mask.shape}")
+    return np.flatnonzero(mask).tolist()
 
 
 # ----- the collator ----------------------------------------------------------------------------------------------
@@ -108,6 +135,9 @@ class MiniOmni2DataCollator:
             ``generate(batch_parallel=True)`` reproduce what the speech example teaches.
         truncate_audio: keep the first 30 s of longer input audio instead of refusing it.
 
+    Examples are raw or processed (:mod:`mini_omni2.training.data`), or training rows built ahead of time
+    (:meth:`training_rows`, ``MiniOmni2Preprocessor(training_rows=True)``), which are padded as they are.
+
     Returns a dict: ``input_ids`` and ``labels`` (batch, 8, seq), ``attention_mask`` and ``audio_feature_mask``
     (batch, seq), and when present ``input_features`` (n_audio, 80, frames) and ``audio_lengths`` (n_audio,),
     ``pixel_values`` (n_images, 3, 224, 224) and ``image_feature_mask`` (batch, seq); features are in row order.
@@ -125,6 +155,9 @@ class MiniOmni2DataCollator:
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        for name, value in (("pad_to_multiple_of", pad_to_multiple_of), ("max_length", max_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self.processor = processor
         self.codec = _codec_of(codec)
         self.padding_side = padding_side
@@ -156,24 +189,91 @@ class MiniOmni2DataCollator:
             rows.append((build_training_row(self.layout, twin, answer_codes=None, **common), prepared))
         return rows
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def training_rows(self, example: dict) -> list[dict[str, Any]]:
+        """One example -> its built training rows as numpy fields (:data:`ROW_FIELDS`; empty where absent), for
+        ``datasets``: the collator pads them as they are."""
+        built = []
+        for row, features, pixels in self._items(example):
+            audio_mask, image_mask = np.zeros(len(row), bool), np.zeros(len(row), bool)
+            audio_mask[row.audio_positions] = True
+            image_mask[row.image_positions] = True
+            built.append({
+                "input_ids": np.asarray(row.input_ids, dtype=np.int64),
+                "labels": np.asarray(row.labels, dtype=np.int64),
+                "audio_feature_mask": audio_mask,
+                "image_feature_mask": image_mask,
+                "input_features": features.numpy() if features is not None else np.zeros((0, 0), np.float32),
+                "audio_lengths": len(row.audio_positions),
+                "pixel_values": pixels.numpy() if pixels is not None else np.zeros((0, 0, 0), np.float32),
+            })
+        return built
+
+    def _items(self, example: Any) -> list[tuple[TrainingRow, torch.Tensor | None, torch.Tensor | None]]:
+        """The rows of one example with their audio features and pixels (None where the row has none)."""
+        if is_training_row(example):
+            return [self._built_row(example)]
+        return [
+            (
+                row,
+                self._features(prepared) if row.audio_positions else None,
+                self._pixels(prepared) if row.image_positions else None,
+            )
+            for row, prepared in self.rows(example)
+        ]
+
+    def _built_row(self, example: Mapping) -> tuple[TrainingRow, torch.Tensor | None, torch.Tensor | None]:
+        """A row built ahead of time (:meth:`training_rows`), checked for shape."""
+        layout = self.layout
+        input_ids = _as_ids(example["input_ids"], "input_ids", 2)
+        labels = _as_ids(example["labels"], "labels", 2)
+        if input_ids.shape[0] != layout.num_streams or input_ids.shape[1] < 1 or labels.shape != input_ids.shape:
+            raise ValueError(
+                f"a built row's input_ids and labels must both be ({layout.num_streams}, seq >= 1), got "
+                f"{input_ids.shape} and {labels.shape}"
+            )
+        length = input_ids.shape[1]
+        audio = _positions(example.get("audio_feature_mask"), length, "audio_feature_mask")
+        image = _positions(example.get("image_feature_mask"), length, "image_feature_mask")
+        features = pixels = None
+        for kind, positions, name in (("audio", audio, "input_features"), ("image", image, "pixel_values")):
+            if bool(positions) != _present(example.get(name)):
+                raise ValueError(f"a built row has {len(positions)} {kind} positions: {name} must be given with them")
+        if audio:
+            extractor = self.processor.feature_extractor
+            shape = (extractor.feature_size, extractor.nb_max_frames)
+            features = torch.from_numpy(_as_features(example["input_features"], "input_features", shape))
+            given = example.get("audio_lengths")
+            if given is not None and int(_as_ids(given, "audio_lengths", 0)) != len(audio):
+                raise ValueError(f"audio_lengths {given} disagrees with the {len(audio)} audio positions")
+        if image:
+            crop = self.processor.image_processor.crop_size
+            shape = (3, crop["height"], crop["width"])
+            pixels = torch.from_numpy(_as_features(example["pixel_values"], "pixel_values", shape))
+        learned = np.flatnonzero((labels != IGNORE_INDEX).any(axis=0))
+        prompt_length = int(learned[0]) if learned.size else length
+        row = TrainingRow(input_ids.tolist(), labels.tolist(), audio, image, prompt_length)
+        return row, features, pixels
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if isinstance(examples, (Mapping, str)) or not isinstance(examples, Sequence):
+            raise TypeError(f"the collator takes a list of examples, got {type(examples).__name__}")
         if not examples:
             raise ValueError("empty batch")
-        rows = [row for example in examples for row in self.rows(example)]
+        items = [item for example in examples for item in self._items(example)]
         layout = self.layout
-        length = max(len(r) for r, _ in rows)
+        length = max(len(r) for r, _, _ in items)
         if self.max_length is not None and length > self.max_length:
             raise ValueError(f"a training row has {length} positions, more than max_length={self.max_length}")
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = len(rows)
+        batch = len(items)
         input_ids = layout.pad_ids()[None, :, None].repeat(batch, 1, length)
         labels = torch.full((batch, layout.num_streams, length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros(batch, length, dtype=torch.long)
         audio_mask = torch.zeros(batch, length, dtype=torch.bool)
         image_mask = torch.zeros(batch, length, dtype=torch.bool)
         features, audio_lengths, pixels = [], [], []
-        for b, (row, prepared) in enumerate(rows):
+        for b, (row, row_features, row_pixels) in enumerate(items):
             shift = length - len(row) if self.padding_side == "left" else 0
             span = slice(shift, shift + len(row))
             input_ids[b, :, span] = torch.tensor(row.input_ids, dtype=torch.long)
@@ -181,11 +281,11 @@ class MiniOmni2DataCollator:
             attention_mask[b, span] = 1
             if row.audio_positions:
                 audio_mask[b, [shift + p for p in row.audio_positions]] = True
-                features.append(self._features(prepared))
+                features.append(row_features)
                 audio_lengths.append(len(row.audio_positions))
             if row.image_positions:
                 image_mask[b, [shift + p for p in row.image_positions]] = True
-                pixels.append(self._pixels(prepared))
+                pixels.append(row_pixels)
         out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -203,17 +303,12 @@ class MiniOmni2DataCollator:
     def _features(self, prepared: dict) -> torch.Tensor:
         if _present(prepared["input_features"]):
             return torch.as_tensor(np.asarray(prepared["input_features"], dtype=np.float32))
-        features = self.processor.feature_extractor(
-            prepared["audio_waveform"], sampling_rate=SAMPLING_RATE, return_tensors="np", padding="max_length"
-        )["input_features"][0]
-        return torch.as_tensor(features, dtype=torch.float32)
+        return torch.from_numpy(self.processor.audio_features([prepared["audio_waveform"]])[0])
 
     def _pixels(self, prepared: dict) -> torch.Tensor:
         if _present(prepared["pixel_values"]):
             return torch.as_tensor(np.asarray(prepared["pixel_values"], dtype=np.float32))
-        image = load_image(prepared["image"])
-        pixels = self.processor.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
-        return torch.as_tensor(pixels, dtype=torch.float32)
+        return torch.from_numpy(self.processor.image_pixels([prepared["image"]])[0])
 
 
 # ----- stages (SPEC §9) ---------------------------------------------------------------------------------------------
@@ -389,26 +484,48 @@ def lora_config(
     )
 
 
+def _base_class_for_auto_peft(is_prompt_tuning: bool = False):
+    """The class a saved adapter names as its base (``auto_mapping``): transformers' ``AutoModelForMultimodalLM``.
+
+    PEFT writes the base model's own class and module there, and ``AutoPeftModel.from_pretrained`` imports only
+    modules of its ``import_allowlist`` (transformers, diffusers ...), so an adapter naming ``mini_omni2`` would need
+    ``import_allowlist=["mini_omni2"]``. The Auto class resolves to this model through its config (``import
+    mini_omni2``, or ``trust_remote_code=True`` with a Hub folder).
+    """
+    from transformers import AutoModelForMultimodalLM
+
+    return AutoModelForMultimodalLM
+
+
+def _name_the_auto_class(peft_model):
+    # PeftModel.save_pretrained asks this method which class to write into adapter_config.json's auto_mapping
+    peft_model._get_base_model_class = _base_class_for_auto_peft
+    return peft_model
+
+
 def apply_lora(model, config=None, **kwargs):
     """Wrap ``model`` in a PEFT model with LoRA (``config`` or :func:`lora_config` of ``kwargs``); encoders, codec
-    and everything not adapted stay frozen. A model without vision skips the vision adapter."""
+    and everything not adapted stay frozen. A model without vision skips the vision adapter. Saved adapters load
+    with ``peft.AutoPeftModel.from_pretrained`` (their ``auto_mapping`` names ``AutoModelForMultimodalLM``)."""
     from peft import get_peft_model
 
     config = config if config is not None else lora_config(**kwargs)
     if config.modules_to_save and getattr(model.model, "vision_projector", None) is None:
         config.modules_to_save = [m for m in config.modules_to_save if m != "vision_projector"] or None
-    return get_peft_model(model, config)
+    return _name_the_auto_class(get_peft_model(model, config))
 
 
 def load_lora(model, path: str, is_trainable: bool = False):
     """Load a saved LoRA adapter onto ``model`` (the same base it was trained on)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+    return _name_the_auto_class(PeftModel.from_pretrained(model, path, is_trainable=is_trainable))
 
 
 __all__ = [
     "IGNORE_INDEX",
+    "ROW_FIELDS",
+    "is_training_row",
     "TrainingRow",
     "build_training_row",
     "MiniOmni2DataCollator",

@@ -4,8 +4,8 @@ An example is a plain dict (see ``docs/training.md``). Raw fields:
 
 - ``task`` (a key of :data:`~mini_omni2.token_layout.TASKS`) or ``output`` (``"speech"``, ``"text"``, ``"asr"``;
   the inputs present then pick the layout);
-- inputs: ``text`` (str), ``audio`` (path, array with ``sampling_rate``, ``(array, rate)``, a ``datasets`` audio
-  dict ``{"array", "sampling_rate"}`` or ``{"path", "bytes"}``), ``image`` (PIL image, path or array);
+- inputs: ``text`` (str), ``audio`` (any form the processor's ``load_audio`` reads: path, bytes, array with
+  ``sampling_rate``, ``(array, rate)``, ``datasets`` audio values), ``image`` (any form of ``load_image``);
 - answers: ``answer_text`` (str) and, for speech answers, ``answer_codes`` (codec frames, shape (T, 7)) or
   ``answer_audio`` (a waveform, 24 kHz unless ``answer_sampling_rate`` or the value says otherwise).
 
@@ -24,15 +24,13 @@ processed ones, or anything between. :class:`MiniOmni2Preprocessor` is the batch
 
 from __future__ import annotations
 
-import io
-import os
 import random
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from ..processing_mini_omni2 import SAMPLING_RATE, load_audio, load_image, num_audio_frames
+from ..processing_mini_omni2 import SAMPLING_RATE, load_audio, num_audio_frames
 from ..token_layout import OUTPUT_SPEECH, OUTPUTS, TASKS, task_name
 
 #: Raw input fields of the example format.
@@ -59,6 +57,8 @@ PROCESSED_FIELDS = (
     "audio_num_frames",
     "pixel_values",
 )
+#: The fields that hold an example's answer: every example has at least one.
+ANSWER_FIELDS = ("answer_text", "answer_text_ids", "answer_codes", "answer_audio")
 AUDIO_MODES = ("features", "waveform")
 IMAGE_MODES = ("pixels", "keep")
 
@@ -77,64 +77,57 @@ def _present(value: Any) -> bool:
     return True
 
 
-def _as_numpy(value: Any, dtype) -> np.ndarray:
+def _as_array(value: Any, what: str) -> np.ndarray:
+    """A field as a numpy array of real numbers; ragged lists, strings and objects are refused."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=dtype)
+        value = value.detach().cpu()
+        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{what} must be a rectangular array of numbers ({error})") from None
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"{what} must hold numbers, got dtype {array.dtype}")
+    return array
 
 
-def _decode_waveform(value: Any, sampling_rate: int | None) -> tuple[np.ndarray, int | None]:
-    """Any supported audio value -> (array, rate); the rate is None where the value does not carry one."""
-    if isinstance(value, (str, os.PathLike)):
-        import soundfile
-
-        if not os.path.exists(value):
-            raise ValueError(f"audio file not found: {value}")
-        data, rate = soundfile.read(str(value), dtype="float32", always_2d=True)
-        return data.T, rate
-    if isinstance(value, dict):
-        if value.get("array") is not None:
-            return value["array"], value.get("sampling_rate", sampling_rate)
-        if value.get("bytes"):
-            import soundfile
-
-            data, rate = soundfile.read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=True)
-            return data.T, rate
-        if value.get("path"):
-            return _decode_waveform(value["path"], sampling_rate)
-        raise ValueError("audio dicts need 'array' (+ 'sampling_rate'), 'bytes' or 'path'")
-    if isinstance(value, tuple):
-        if len(value) != 2:
-            raise ValueError("audio tuples must be (array, sampling_rate)")
-        return value[0], value[1]
-    if hasattr(value, "get_all_samples"):  # a torchcodec AudioDecoder, as datasets >= 4 returns for Audio columns
-        samples = value.get_all_samples()
-        return samples.data, samples.sample_rate
-    return value, sampling_rate
+def _as_ids(value: Any, what: str, ndim: int) -> np.ndarray:
+    """Ids or codes as int64 with ``ndim`` dimensions; floats only when they are whole numbers (never truncated)."""
+    array = _as_array(value, what)
+    if array.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimension{'s' * (ndim > 1)}, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        fractional = ~np.isfinite(array) | (array != np.round(array))
+        if fractional.any():
+            raise ValueError(f"{what} must be whole numbers, got {array[fractional][:5].tolist()}")
+    return array.astype(np.int64)
 
 
-def load_input_audio(value: Any, sampling_rate: int | None = None) -> np.ndarray:
-    """An input audio in any supported form -> mono float32 at 16 kHz (the processor's own loading)."""
-    data, rate = _decode_waveform(value, sampling_rate)
-    return load_audio((data, rate) if rate is not None else data, sampling_rate=rate)
+def _as_features(value: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Precomputed features (log-mel, pixel values) as float32 of the processor's ``shape``, finite."""
+    array = _as_array(value, what)
+    if array.shape != tuple(shape):
+        raise ValueError(f"{what} must have the processor's shape {tuple(shape)}, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return array.astype(np.float32)
+
+
+def _check_ids_range(ids: np.ndarray, what: str, limit: int) -> None:
+    bad = ids[(ids < 0) | (ids >= limit)]
+    if bad.size:
+        raise ValueError(f"{what} must be in [0, {limit}), got {bad[:5].tolist()}")
+
+
+def load_input_audio(processor, value: Any, sampling_rate: int | None = None, truncate: bool = False) -> np.ndarray:
+    """An input audio in any form the processor takes -> mono float32 at 16 kHz (the processor's own loading)."""
+    return processor.prepare_audio(value, sampling_rate, truncate_audio=truncate)
 
 
 def load_answer_audio(value: Any, target_rate: int, sampling_rate: int | None = None) -> np.ndarray:
-    """An answer waveform -> mono float32 at the codec's rate; bare arrays are taken to be at ``target_rate``."""
-    data, rate = _decode_waveform(value, sampling_rate)
-    rate = int(rate) if rate is not None else int(target_rate)
-    data = _as_numpy(data, np.float32)
-    if data.ndim == 2:
-        data = data.mean(axis=0 if data.shape[0] <= data.shape[1] else 1)
-    if data.ndim != 1 or data.size == 0:
-        raise ValueError(f"answer audio must be a non-empty mono or multi-channel waveform, got shape {data.shape}")
-    if not np.isfinite(data).all():
-        raise ValueError("answer audio contains NaN or infinite samples")
-    if rate != target_rate:
-        import librosa
-
-        data = librosa.resample(data, orig_sr=rate, target_sr=int(target_rate)).astype(np.float32)
-    return data
+    """An answer waveform (any form of :func:`~mini_omni2.processing_mini_omni2.load_audio`) -> mono float32 at the
+    codec's rate; bare arrays are taken to be at ``target_rate``."""
+    return load_audio(value, sampling_rate, target_rate=target_rate, default_rate=target_rate)
 
 
 def _codec_of(codec: Any):
@@ -158,13 +151,15 @@ def encode_answer_audio(codec: Any, waveform: np.ndarray) -> np.ndarray:
 
 def resolve_task(example: dict) -> str:
     """The layout name of an example: its ``task``, else the one for its inputs and ``output`` (default speech)."""
+    if not isinstance(example, Mapping):
+        raise TypeError(f"a training example must be a dict of fields (docs/training.md), got {type(example).__name__}")
     task = example.get("task")
     if _present(task):
-        if task not in TASKS:
+        if not isinstance(task, str) or task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; known tasks: {', '.join(TASKS)}")
         return task
     output = example.get("output") or OUTPUT_SPEECH
-    if output not in OUTPUTS:
+    if not isinstance(output, str) or output not in OUTPUTS:
         raise ValueError(f"Unknown output {output!r}; choose one of {OUTPUTS}")
     inputs = set()
     if _present(example.get("text")) or _present(example.get("prompt_text_ids")):
@@ -176,10 +171,18 @@ def resolve_task(example: dict) -> str:
     return task_name(inputs, output)
 
 
-def _encode_text(tokenizer, text: Any, what: str) -> np.ndarray:
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{what} must be a non-empty string, got {text!r}")
-    return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+def _audio_num_frames(value: Any, limit: int) -> int:
+    """The L of SPEC §5 that goes with precomputed input_features: a whole number in [1, limit]."""
+    if value is None or (isinstance(value, (list, np.ndarray)) and np.size(value) == 0):
+        raise ValueError("precomputed input_features need audio_num_frames (the L of SPEC §5)")
+    frames = _as_ids(value, "audio_num_frames", 0)
+    if not 1 <= int(frames) <= limit:
+        raise ValueError(f"audio_num_frames must be in [1, {limit}] (the encoder frames used), got {int(frames)}")
+    return int(frames)
+
+
+def _encode_text(processor, text: Any, what: str) -> np.ndarray:
+    return np.asarray(processor.encode_text(text, what), dtype=np.int64)
 
 
 # ----- one example -------------------------------------------------------------------------------------------
@@ -206,7 +209,18 @@ def prepare_example(
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
     layout = processor.layout
-    tokenizer = processor.tokenizer
+    if isinstance(example, Mapping) and not any(_present(example.get(name)) for name in ANSWER_FIELDS):
+        hint = ""
+        if not any(name in example for name in ANSWER_FIELDS + ("task", "output", "text")):
+            hint = (
+                ". If transformers' Trainer removed them: its default remove_unused_columns=True keeps only arguments "
+                "of the model's forward; map the dataset with MiniOmni2Preprocessor(processor, training_rows=True), "
+                "whose columns all are, or pass remove_unused_columns=False (as training_arguments() does)"
+            )
+        raise ValueError(
+            f"the example has no answer: {', '.join(ANSWER_FIELDS)} are all absent or empty (its fields are "
+            f"{sorted(example)}){hint}"
+        )
     task = resolve_task(example)
     inputs, output = TASKS[task]
     out: dict[str, Any] = {"task": task}
@@ -214,46 +228,36 @@ def prepare_example(
     # text prompt
     if "text" in inputs:
         if _present(example.get("prompt_text_ids")):
-            out["prompt_text_ids"] = _as_numpy(example["prompt_text_ids"], np.int64)
+            out["prompt_text_ids"] = _as_ids(example["prompt_text_ids"], "prompt_text_ids", 1)
+            _check_ids_range(out["prompt_text_ids"], "prompt_text_ids (tokenizer ids)", layout.tokenizer_vocab_size)
         else:
-            out["prompt_text_ids"] = _encode_text(tokenizer, example.get("text"), f"task {task}: text")
+            out["prompt_text_ids"] = _encode_text(processor, example.get("text"), f"task {task}: text")
     elif _present(example.get("text")) or _present(example.get("prompt_text_ids")):
         raise ValueError(f"task {task} takes no text prompt, but the example has one")
     else:
         out["prompt_text_ids"] = np.zeros(0, dtype=np.int64)
 
     # audio input
-    fe = processor.feature_extractor
     out["input_features"] = np.zeros((0, 0), dtype=np.float32)
     out["audio_waveform"] = np.zeros(0, dtype=np.float32)
     out["audio_num_frames"] = 0
     if "audio" in inputs:
         if _present(example.get("input_features")):
-            frames = int(example.get("audio_num_frames") or 0)
-            if frames < 1:
-                raise ValueError("precomputed input_features need audio_num_frames (the L of SPEC §5)")
-            out["input_features"] = _as_numpy(example["input_features"], np.float32)
-            out["audio_num_frames"] = frames
+            extractor = processor.feature_extractor
+            out["input_features"] = _as_features(
+                example["input_features"], "input_features", (extractor.feature_size, extractor.nb_max_frames)
+            )
+            out["audio_num_frames"] = _audio_num_frames(example.get("audio_num_frames"), processor.max_audio_frames)
         else:
             if _present(example.get("audio_waveform")):
-                waveform = _as_numpy(example["audio_waveform"], np.float32)
+                waveform = load_input_audio(processor, (example["audio_waveform"], SAMPLING_RATE), None, truncate_audio)
             elif _present(example.get("audio")):
-                waveform = load_input_audio(example["audio"], example.get("sampling_rate"))
+                waveform = load_input_audio(processor, example["audio"], example.get("sampling_rate"), truncate_audio)
             else:
                 raise ValueError(f"task {task} needs an audio input")
-            limit = int(fe.n_samples)
-            if len(waveform) > limit:
-                if not truncate_audio:
-                    raise ValueError(
-                        f"input audio is {len(waveform) / SAMPLING_RATE:.1f} s, over the "
-                        f"{limit / SAMPLING_RATE:.0f} s the encoder sees; pass truncate_audio=True to keep the start"
-                    )
-                waveform = waveform[:limit]
             out["audio_num_frames"] = num_audio_frames(len(waveform), processor.max_audio_frames)
             if audio == "features":
-                out["input_features"] = fe(
-                    waveform, sampling_rate=SAMPLING_RATE, return_tensors="np", padding="max_length"
-                )["input_features"][0].astype(np.float32)
+                out["input_features"] = processor.audio_features([waveform])[0]
             else:
                 out["audio_waveform"] = waveform
     elif any(_present(example.get(k)) for k in ("audio", "input_features", "audio_waveform")):
@@ -265,13 +269,14 @@ def prepare_example(
         if not processor.has_vision:
             raise ValueError("this model has no vision encoder (Mini-Omni): it cannot take images")
         if _present(example.get("pixel_values")):
-            out["pixel_values"] = _as_numpy(example["pixel_values"], np.float32)
+            crop = processor.image_processor.crop_size
+            out["pixel_values"] = _as_features(
+                example["pixel_values"], "pixel_values", (3, crop["height"], crop["width"])
+            )
         elif not _present(example.get("image")):
             raise ValueError(f"task {task} needs an image")
         elif images == "pixels":
-            image = load_image(example["image"])
-            pixels = processor.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
-            out["pixel_values"] = np.asarray(pixels, dtype=np.float32)
+            out["pixel_values"] = processor.image_pixels([example["image"]])[0]
         else:
             out["image"] = example["image"]
     elif _present(example.get("image")) or _present(example.get("pixel_values")):
@@ -279,21 +284,19 @@ def prepare_example(
 
     # answers
     if _present(example.get("answer_text_ids")):
-        out["answer_text_ids"] = _as_numpy(example["answer_text_ids"], np.int64)
+        out["answer_text_ids"] = _as_ids(example["answer_text_ids"], "answer_text_ids", 1)
     elif _present(example.get("answer_text")):
-        out["answer_text_ids"] = _encode_text(tokenizer, example["answer_text"], "answer_text")
+        out["answer_text_ids"] = _encode_text(processor, example["answer_text"], "answer_text")
     elif output == OUTPUT_SPEECH:
         out["answer_text_ids"] = np.zeros(0, dtype=np.int64)
     else:
         raise ValueError(f"task {task} has a text answer: give answer_text")
-    bad = out["answer_text_ids"][(out["answer_text_ids"] < 0) | (out["answer_text_ids"] >= layout.tokenizer_vocab_size)]
-    if bad.size:
-        raise ValueError(f"answer_text_ids must be tokenizer ids in [0, {layout.tokenizer_vocab_size}), got {bad[:5]}")
+    _check_ids_range(out["answer_text_ids"], "answer_text_ids (tokenizer ids)", layout.tokenizer_vocab_size)
 
     width = layout.num_audio_layers
     if output == OUTPUT_SPEECH:
         if _present(example.get("answer_codes")):
-            codes = _as_numpy(example["answer_codes"], np.int64)
+            codes = _as_ids(example["answer_codes"], "answer_codes", 2)
         elif _present(example.get("answer_audio")):
             codec_module = _codec_of(codec)
             if codec_module is None:
@@ -332,6 +335,11 @@ class MiniOmni2Preprocessor:
 
     The output columns are type-stable (empty arrays where absent), so mixed tasks map in any batch order; pass
     ``features=prep.features()`` to ``map`` to fix the column types up front (useful for ``IterableDataset``).
+
+    With ``training_rows=True`` the map builds the collator's training rows instead (one per example, two for a
+    speech answer with ``batch_parallel_twins``): the columns are then ``input_ids``, ``labels``, the feature masks,
+    ``input_features``, ``audio_lengths`` and ``pixel_values``, all arguments of the model's ``forward``, so
+    ``transformers.Trainer`` keeps them with its default ``remove_unused_columns=True``.
     """
 
     def __init__(
@@ -341,7 +349,11 @@ class MiniOmni2Preprocessor:
         audio: str = "features",
         images: str = "pixels",
         truncate_audio: bool = False,
+        training_rows: bool = False,
+        batch_parallel_twins: bool = False,
     ):
+        if batch_parallel_twins and not training_rows:
+            raise ValueError("batch_parallel_twins builds rows: pass training_rows=True (or give it to the collator)")
         if audio not in AUDIO_MODES:
             raise ValueError(f"audio must be one of {AUDIO_MODES}, got {audio!r}")
         if images not in IMAGE_MODES:
@@ -353,6 +365,8 @@ class MiniOmni2Preprocessor:
         self.audio = audio
         self.images = images
         self.truncate_audio = truncate_audio
+        self.training_rows = training_rows
+        self.batch_parallel_twins = batch_parallel_twins
 
     def __getstate__(self) -> dict:
         # SNAC's weight-normed convolutions do not pickle: send the codec as its config and state dict. This also
@@ -378,6 +392,17 @@ class MiniOmni2Preprocessor:
         if not batch:
             return {}
         size = len(next(iter(batch.values())))
+        if self.training_rows:
+            from .collator import ROW_FIELDS, MiniOmni2DataCollator
+
+            collator = MiniOmni2DataCollator(
+                self.processor,
+                codec=self.codec,
+                batch_parallel_twins=self.batch_parallel_twins,
+                truncate_audio=self.truncate_audio,
+            )
+            built = [row for i in range(size) for row in collator.training_rows({k: v[i] for k, v in batch.items()})]
+            return {name: [row[name] for row in built] for name in ROW_FIELDS}
         rows = [
             prepare_example(
                 {k: v[i] for k, v in batch.items()},
@@ -392,7 +417,10 @@ class MiniOmni2Preprocessor:
         return {name: [row[name] for row in rows] for name in PROCESSED_FIELDS}
 
     def removable_columns(self, column_names: Iterable[str] | None) -> list[str]:
-        """Columns that the processed ones replace (all of them, except ``image`` when images are kept raw)."""
+        """Columns that the processed ones replace (all of them, except ``image`` when images are kept raw; all of them
+        with ``training_rows``, whose map may give more rows than it is given)."""
+        if self.training_rows:
+            return list(column_names or [])
         keep = {"image"} if self.images == "keep" else set()
         return [c for c in (column_names or []) if c not in keep and c not in PROCESSED_FIELDS]
 
@@ -400,6 +428,17 @@ class MiniOmni2Preprocessor:
         """The ``datasets.Features`` of the processed columns (plus ``extra`` ones, e.g. a kept ``image``)."""
         from datasets import Features, List, Value
 
+        if self.training_rows:
+            rows = {
+                "input_ids": List(List(Value("int64"))),
+                "labels": List(List(Value("int64"))),
+                "audio_feature_mask": List(Value("bool")),
+                "image_feature_mask": List(Value("bool")),
+                "input_features": List(List(Value("float32"))),
+                "audio_lengths": Value("int64"),
+                "pixel_values": List(List(List(Value("float32")))),
+            }
+            return Features({**rows, **(extra or {})})
         feats = {
             "task": Value("string"),
             "prompt_text_ids": List(Value("int64")),

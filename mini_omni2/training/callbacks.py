@@ -1,0 +1,82 @@
+"""What ``transformers.Trainer`` needs to know about this model, as a callback (docs/training.md)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SPECIAL_TOKENS = ("eos_token_id", "bos_token_id", "pad_token_id")
+
+
+def remove_tokenizer_special_tokens(model: Any, tokenizer: Any) -> dict[str, int]:
+    """Take the tokenizer's eos/bos/pad ids back out of the model's text and generation configs.
+
+    ``Trainer(processing_class=...)`` copies them in (``transformers.trainer_utils.align_special_tokens``). This model
+    ends its text stream with the token layout's ``eot`` and pads with ``pad_t``, not with the tokenizer's
+    ``<|endoftext|>``; and a ``pad_token_id`` in the text config would become the embedding's ``padding_idx`` (a row
+    that gets no gradient) when the checkpoint is loaded again. Returns what was removed.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    configs = [base.config.get_text_config()]
+    if getattr(base, "generation_config", None) is not None:
+        configs.append(base.generation_config)
+    removed = {}
+    for name in SPECIAL_TOKENS:
+        token = getattr(tokenizer, name, None)
+        if token is None:
+            continue
+        for config in configs:
+            value = getattr(config, name, None)
+            if value == token:
+                setattr(config, name, None)
+                removed[name] = token
+            elif isinstance(value, list) and token in value:
+                setattr(config, name, [t for t in value if t != token] or None)
+                removed[name] = token
+    return removed
+
+
+class MiniOmni2TrainerCallback(TrainerCallback):
+    """``Trainer(..., callbacks=[MiniOmni2TrainerCallback(processor)])``:
+
+    - every checkpoint (``checkpoint-N``) and, at the end of training, ``output_dir`` get the processor's files, so
+      that ``AutoProcessor.from_pretrained(checkpoint)`` works (with or without ``processing_class``);
+    - with ``processing_class=processor``, the tokenizer's eos/bos/pad ids that ``Trainer`` writes into the model's
+      configs when training starts are taken out again (:func:`remove_tokenizer_special_tokens`).
+    """
+
+    def __init__(self, processor: Any):
+        if not hasattr(processor, "save_pretrained") or not hasattr(processor, "tokenizer"):
+            raise TypeError(f"MiniOmni2TrainerCallback takes the model's processor, got {type(processor).__name__}")
+        self.processor = processor
+
+    def _restore_configs(self, model: Any) -> None:
+        if model is None:
+            return
+        removed = remove_tokenizer_special_tokens(model, self.processor.tokenizer)
+        if removed:
+            logger.info("took the tokenizer's special tokens %s back out of the model's configs", removed)
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._restore_configs(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._restore_configs(model)  # Trainer aligns the special tokens when train() starts
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            self.processor.save_pretrained(folder)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and args.output_dir:
+            self.processor.save_pretrained(args.output_dir)
+
+
+__all__ = ["MiniOmni2TrainerCallback", "remove_tokenizer_special_tokens"]
