@@ -53,7 +53,8 @@ def test_worker_answers_cancels_queues_and_stops(model, processor):
 
         long = Sink()
         job = worker.submit(processor(text="tell me a story", output="text"),
-                            DecodeSettings(text=Sampling(do_sample=False), max_new_tokens=100000), long)
+                            DecodeSettings(text=Sampling(do_sample=False), max_new_tokens=100000,
+                                           min_new_tokens=100000), long)  # never ends on its own
         until(lambda: worker.engine.num_rows == 1)  # the long answer holds the one row
         waiting = Sink()
         worker.submit(processor(text="hello", output="text"), GREEDY, waiting)  # waits for the one row
