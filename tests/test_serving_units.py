@@ -76,7 +76,7 @@ def test_worker_stop_cancels_what_does_not_finish_in_time(model, processor):
     worker = EngineWorker(model, processor, codec_noise=False).start()
     sink = Sink()
     worker.submit(processor(text="tell me a story", output="speech"),
-                  DecodeSettings(text=Sampling(do_sample=False), max_new_tokens=100000), sink)
+                  DecodeSettings(text=Sampling(do_sample=False), max_new_tokens=100000, min_new_tokens=100000), sink)
     worker.stop(timeout=0.2)
     assert sink.wait(5).finish_reason == "cancelled"
 
