@@ -21,7 +21,6 @@ from transformers.utils import logging
 
 from .data import _codec_of, _present, prepare_example
 from ..modeling_mini_omni2 import IGNORE_INDEX
-from ..processing_mini_omni2 import SAMPLING_RATE, load_image
 from ..token_layout import OUTPUT_SPEECH, TASKS, TokenLayout
 
 logger = logging.get_logger(__name__)
@@ -203,17 +202,12 @@ class MiniOmni2DataCollator:
     def _features(self, prepared: dict) -> torch.Tensor:
         if _present(prepared["input_features"]):
             return torch.as_tensor(np.asarray(prepared["input_features"], dtype=np.float32))
-        features = self.processor.feature_extractor(
-            prepared["audio_waveform"], sampling_rate=SAMPLING_RATE, return_tensors="np", padding="max_length"
-        )["input_features"][0]
-        return torch.as_tensor(features, dtype=torch.float32)
+        return torch.from_numpy(self.processor.audio_features([prepared["audio_waveform"]])[0])
 
     def _pixels(self, prepared: dict) -> torch.Tensor:
         if _present(prepared["pixel_values"]):
             return torch.as_tensor(np.asarray(prepared["pixel_values"], dtype=np.float32))
-        image = load_image(prepared["image"])
-        pixels = self.processor.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
-        return torch.as_tensor(pixels, dtype=torch.float32)
+        return torch.from_numpy(self.processor.image_pixels([prepared["image"]])[0])
 
 
 # ----- stages (SPEC §9) ---------------------------------------------------------------------------------------------

@@ -24,15 +24,13 @@ processed ones, or anything between. :class:`MiniOmni2Preprocessor` is the batch
 
 from __future__ import annotations
 
-import io
-import os
 import random
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from ..processing_mini_omni2 import SAMPLING_RATE, load_audio, load_image, num_audio_frames
+from ..processing_mini_omni2 import SAMPLING_RATE, load_audio, num_audio_frames
 from ..token_layout import OUTPUT_SPEECH, OUTPUTS, TASKS, task_name
 
 #: Raw input fields of the example format.
@@ -83,58 +81,15 @@ def _as_numpy(value: Any, dtype) -> np.ndarray:
     return np.asarray(value, dtype=dtype)
 
 
-def _decode_waveform(value: Any, sampling_rate: int | None) -> tuple[np.ndarray, int | None]:
-    """Any supported audio value -> (array, rate); the rate is None where the value does not carry one."""
-    if isinstance(value, (str, os.PathLike)):
-        import soundfile
-
-        if not os.path.exists(value):
-            raise ValueError(f"audio file not found: {value}")
-        data, rate = soundfile.read(str(value), dtype="float32", always_2d=True)
-        return data.T, rate
-    if isinstance(value, dict):
-        if value.get("array") is not None:
-            return value["array"], value.get("sampling_rate", sampling_rate)
-        if value.get("bytes"):
-            import soundfile
-
-            data, rate = soundfile.read(io.BytesIO(value["bytes"]), dtype="float32", always_2d=True)
-            return data.T, rate
-        if value.get("path"):
-            return _decode_waveform(value["path"], sampling_rate)
-        raise ValueError("audio dicts need 'array' (+ 'sampling_rate'), 'bytes' or 'path'")
-    if isinstance(value, tuple):
-        if len(value) != 2:
-            raise ValueError("audio tuples must be (array, sampling_rate)")
-        return value[0], value[1]
-    if hasattr(value, "get_all_samples"):  # a torchcodec AudioDecoder, as datasets >= 4 returns for Audio columns
-        samples = value.get_all_samples()
-        return samples.data, samples.sample_rate
-    return value, sampling_rate
-
-
-def load_input_audio(value: Any, sampling_rate: int | None = None) -> np.ndarray:
-    """An input audio in any supported form -> mono float32 at 16 kHz (the processor's own loading)."""
-    data, rate = _decode_waveform(value, sampling_rate)
-    return load_audio((data, rate) if rate is not None else data, sampling_rate=rate)
+def load_input_audio(processor, value: Any, sampling_rate: int | None = None, truncate: bool = False) -> np.ndarray:
+    """An input audio in any form the processor takes -> mono float32 at 16 kHz (the processor's own loading)."""
+    return processor.prepare_audio(value, sampling_rate, truncate_audio=truncate)
 
 
 def load_answer_audio(value: Any, target_rate: int, sampling_rate: int | None = None) -> np.ndarray:
-    """An answer waveform -> mono float32 at the codec's rate; bare arrays are taken to be at ``target_rate``."""
-    data, rate = _decode_waveform(value, sampling_rate)
-    rate = int(rate) if rate is not None else int(target_rate)
-    data = _as_numpy(data, np.float32)
-    if data.ndim == 2:
-        data = data.mean(axis=0 if data.shape[0] <= data.shape[1] else 1)
-    if data.ndim != 1 or data.size == 0:
-        raise ValueError(f"answer audio must be a non-empty mono or multi-channel waveform, got shape {data.shape}")
-    if not np.isfinite(data).all():
-        raise ValueError("answer audio contains NaN or infinite samples")
-    if rate != target_rate:
-        import librosa
-
-        data = librosa.resample(data, orig_sr=rate, target_sr=int(target_rate)).astype(np.float32)
-    return data
+    """An answer waveform (any form of :func:`~mini_omni2.processing_mini_omni2.load_audio`) -> mono float32 at the
+    codec's rate; bare arrays are taken to be at ``target_rate``."""
+    return load_audio(value, sampling_rate, target_rate=target_rate, default_rate=target_rate)
 
 
 def _codec_of(codec: Any):
@@ -176,10 +131,8 @@ def resolve_task(example: dict) -> str:
     return task_name(inputs, output)
 
 
-def _encode_text(tokenizer, text: Any, what: str) -> np.ndarray:
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{what} must be a non-empty string, got {text!r}")
-    return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+def _encode_text(processor, text: Any, what: str) -> np.ndarray:
+    return np.asarray(processor.encode_text(text, what), dtype=np.int64)
 
 
 # ----- one example -------------------------------------------------------------------------------------------
@@ -206,7 +159,6 @@ def prepare_example(
     if images not in IMAGE_MODES:
         raise ValueError(f"images must be one of {IMAGE_MODES}, got {images!r}")
     layout = processor.layout
-    tokenizer = processor.tokenizer
     task = resolve_task(example)
     inputs, output = TASKS[task]
     out: dict[str, Any] = {"task": task}
@@ -216,14 +168,13 @@ def prepare_example(
         if _present(example.get("prompt_text_ids")):
             out["prompt_text_ids"] = _as_numpy(example["prompt_text_ids"], np.int64)
         else:
-            out["prompt_text_ids"] = _encode_text(tokenizer, example.get("text"), f"task {task}: text")
+            out["prompt_text_ids"] = _encode_text(processor, example.get("text"), f"task {task}: text")
     elif _present(example.get("text")) or _present(example.get("prompt_text_ids")):
         raise ValueError(f"task {task} takes no text prompt, but the example has one")
     else:
         out["prompt_text_ids"] = np.zeros(0, dtype=np.int64)
 
     # audio input
-    fe = processor.feature_extractor
     out["input_features"] = np.zeros((0, 0), dtype=np.float32)
     out["audio_waveform"] = np.zeros(0, dtype=np.float32)
     out["audio_num_frames"] = 0
@@ -238,22 +189,12 @@ def prepare_example(
             if _present(example.get("audio_waveform")):
                 waveform = _as_numpy(example["audio_waveform"], np.float32)
             elif _present(example.get("audio")):
-                waveform = load_input_audio(example["audio"], example.get("sampling_rate"))
+                waveform = load_input_audio(processor, example["audio"], example.get("sampling_rate"), truncate_audio)
             else:
                 raise ValueError(f"task {task} needs an audio input")
-            limit = int(fe.n_samples)
-            if len(waveform) > limit:
-                if not truncate_audio:
-                    raise ValueError(
-                        f"input audio is {len(waveform) / SAMPLING_RATE:.1f} s, over the "
-                        f"{limit / SAMPLING_RATE:.0f} s the encoder sees; pass truncate_audio=True to keep the start"
-                    )
-                waveform = waveform[:limit]
             out["audio_num_frames"] = num_audio_frames(len(waveform), processor.max_audio_frames)
             if audio == "features":
-                out["input_features"] = fe(
-                    waveform, sampling_rate=SAMPLING_RATE, return_tensors="np", padding="max_length"
-                )["input_features"][0].astype(np.float32)
+                out["input_features"] = processor.audio_features([waveform])[0]
             else:
                 out["audio_waveform"] = waveform
     elif any(_present(example.get(k)) for k in ("audio", "input_features", "audio_waveform")):
@@ -269,9 +210,7 @@ def prepare_example(
         elif not _present(example.get("image")):
             raise ValueError(f"task {task} needs an image")
         elif images == "pixels":
-            image = load_image(example["image"])
-            pixels = processor.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
-            out["pixel_values"] = np.asarray(pixels, dtype=np.float32)
+            out["pixel_values"] = processor.image_pixels([example["image"]])[0]
         else:
             out["image"] = example["image"]
     elif _present(example.get("image")) or _present(example.get("pixel_values")):
@@ -281,7 +220,7 @@ def prepare_example(
     if _present(example.get("answer_text_ids")):
         out["answer_text_ids"] = _as_numpy(example["answer_text_ids"], np.int64)
     elif _present(example.get("answer_text")):
-        out["answer_text_ids"] = _encode_text(tokenizer, example["answer_text"], "answer_text")
+        out["answer_text_ids"] = _encode_text(processor, example["answer_text"], "answer_text")
     elif output == OUTPUT_SPEECH:
         out["answer_text_ids"] = np.zeros(0, dtype=np.int64)
     else:
