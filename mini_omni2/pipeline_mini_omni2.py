@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForMultimodalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .processing_mini_omni2 import SAMPLING_RATE, load_audio, load_image
+from .processing_mini_omni2 import SAMPLING_RATE, check_sampling_rate, load_audio, load_image
 from .token_layout import OUTPUT_ASR, OUTPUT_SPEECH, OUTPUTS, task_name
 
 #: The task the pipeline is registered for, and the one written into saved folders' ``custom_pipelines``.
@@ -36,7 +36,7 @@ MODEL_TYPE = "mini_omni2"
 
 _REQUEST_KEYS = {"text", "audio", "image", "images", "output", "sampling_rate"}
 _AUDIO_DICT_KEYS = {"array", "raw", "sampling_rate", "path", "bytes"}
-_ENDPOINT_PARAMETERS = {"output", "max_new_tokens", "generate_kwargs", "batch_size"}
+_ENDPOINT_PARAMETERS = {"output", "max_new_tokens", "generate_kwargs", "batch_size", "truncate_audio"}
 
 
 def custom_pipelines_entry() -> dict[str, dict]:
@@ -85,9 +85,10 @@ class MiniOmni2Pipeline(Pipeline):
     A request (the pipeline's input) is one of:
 
     - a string: a written prompt (with the ``automatic-speech-recognition`` task: an audio file);
-    - audio: a file path (``os.PathLike``), encoded bytes (wav, flac, ogg), a 1-D array at 16 kHz (as transformers' ASR
-      pipeline assumes; pass ``sampling_rate=`` otherwise), ``(array, sampling_rate)``, a ``{"array"|"raw",
-      "sampling_rate"}`` or ``{"path", "bytes"}`` dict (a ``datasets`` ``Audio`` value), a torchcodec decoder;
+    - audio: a file path (``os.PathLike``), encoded bytes (wav, flac, ogg, mp3), a 1-D array at 16 kHz (as transformers'
+      ASR pipeline assumes; pass ``sampling_rate=`` otherwise), ``(array, sampling_rate)``, a ``{"array"|"raw",
+      "sampling_rate"}`` or ``{"path", "bytes"}`` dict (a ``datasets`` ``Audio`` value), a torchcodec decoder; audio
+      longer than the encoder's 30 s is refused unless ``truncate_audio=True``;
     - a PIL image;
     - a dict with any of ``text``, ``audio``, ``image`` (or ``images``), ``output`` and ``sampling_rate``.
 
@@ -158,6 +159,7 @@ class MiniOmni2Pipeline(Pipeline):
         self,
         output: str | None = None,
         sampling_rate: int | None = None,
+        truncate_audio: bool | None = None,
         max_new_tokens: int | None = None,
         generate_kwargs: dict | None = None,
         **unknown,
@@ -165,13 +167,16 @@ class MiniOmni2Pipeline(Pipeline):
         if unknown:
             raise TypeError(
                 f"MiniOmni2Pipeline got unexpected arguments {sorted(unknown)}; accepted: output, sampling_rate, "
-                "max_new_tokens, generate_kwargs, batch_size, num_workers (generate's own arguments go in generate_kwargs)"
+                "truncate_audio, max_new_tokens, generate_kwargs, batch_size, num_workers (generate's own arguments "
+                "go in generate_kwargs)"
             )
         preprocess: dict[str, Any] = {}
         if output is not None:
             preprocess["output"] = self._check_output(output)
         if sampling_rate is not None:
-            preprocess["sampling_rate"] = int(sampling_rate)
+            preprocess["sampling_rate"] = check_sampling_rate(sampling_rate)
+        if truncate_audio is not None:
+            preprocess["truncate_audio"] = bool(truncate_audio)
         forward: dict[str, Any] = {}
         if generate_kwargs is not None:
             if not isinstance(generate_kwargs, dict):
@@ -194,7 +199,9 @@ class MiniOmni2Pipeline(Pipeline):
     def default_output(self) -> str:
         return OUTPUT_ASR if self.task == ASR_TASK else OUTPUT_SPEECH
 
-    def preprocess(self, inputs: Any, output: str | None = None, sampling_rate: int | None = None) -> dict:
+    def preprocess(
+        self, inputs: Any, output: str | None = None, sampling_rate: int | None = None, truncate_audio: bool = False
+    ) -> dict:
         request = self._as_request(inputs)
         kind = self._check_output(request.get("output") or output or self.default_output)
         rate = request.get("sampling_rate", sampling_rate)
@@ -204,7 +211,7 @@ class MiniOmni2Pipeline(Pipeline):
                 raise TypeError(f"text must be a string, got {type(request['text']).__name__}")
             loaded["text"] = request["text"]
         if request.get("audio") is not None:
-            loaded["audio"] = (self._load_audio(request["audio"], rate), SAMPLING_RATE)
+            loaded["audio"] = (self._load_audio(request["audio"], rate, truncate_audio), SAMPLING_RATE)
         image = request.get("image", request.get("images"))
         if image is not None:
             loaded["images"] = load_image(image)
@@ -242,16 +249,16 @@ class MiniOmni2Pipeline(Pipeline):
             "datasets Audio dict), a PIL image, or a dict of them"
         )
 
-    @staticmethod
-    def _load_audio(audio: Any, sampling_rate: int | None) -> np.ndarray:
-        """Audio in any accepted form -> mono float32 at 16 kHz (the processor's ``load_audio`` does the work)."""
-        if isinstance(audio, (bytes, bytearray)):
-            audio = {"bytes": bytes(audio), "path": None}
-        elif isinstance(audio, dict) and "raw" in audio:  # transformers' ASR pipeline form
+    def _load_audio(self, audio: Any, sampling_rate: int | None, truncate: bool) -> np.ndarray:
+        """Audio in any form of the processor's ``load_audio`` -> mono float32 at 16 kHz, within the encoder's window.
+
+        As in transformers' ASR pipeline, a bare array is at 16 kHz unless ``sampling_rate`` says otherwise, and
+        ``{"raw", "sampling_rate"}`` dicts are accepted.
+        """
+        if isinstance(audio, dict) and "raw" in audio:
             audio = {"array": audio["raw"], "sampling_rate": audio.get("sampling_rate")}
-        elif isinstance(audio, (np.ndarray, torch.Tensor)):
-            audio = (audio, sampling_rate or SAMPLING_RATE)  # a bare array is at 16 kHz, as in transformers' ASR
-        return load_audio(audio, sampling_rate)
+        return load_audio(audio, sampling_rate, default_rate=SAMPLING_RATE,
+                          max_seconds=self.processor.max_audio_seconds, truncate=truncate)
 
     # ----- forward: a batch of requests -> one generate call ---------------------------------------------------------
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
@@ -311,7 +318,8 @@ class MiniOmni2Pipeline(Pipeline):
 
         ``data["inputs"]``: a string (a written prompt), encoded audio bytes (a binary request body), a dict with
         ``text``, ``audio`` (base64 of an audio file), ``image`` (base64 of an image file) and ``output``, or a list of
-        those. ``data["parameters"]``: ``output``, ``max_new_tokens``, ``generate_kwargs``, ``batch_size``. Returns
+        those. ``data["parameters"]``: ``output``, ``max_new_tokens``, ``generate_kwargs``, ``batch_size``,
+        ``truncate_audio``. Returns
         ``{"text": ...}`` (+ ``"audio"``: base64 of a 16-bit wav, ``"sampling_rate"``) per request.
         """
         if not isinstance(data, dict) or "inputs" not in data:
