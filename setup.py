@@ -28,10 +28,5 @@ setup(
         "serve": ["fastapi", "uvicorn"],
         "test": ["pytest", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
     },
-    # the model cards that `mini-omni2 convert` writes, for non-editable installs
-    data_files=[
-        ("share/mini_omni2/model_cards/mini-omni2", ["model_cards/mini-omni2/README.md"]),
-        ("share/mini_omni2/model_cards/mini-omni", ["model_cards/mini-omni/README.md"]),
-    ],
     entry_points={"console_scripts": ["mini-omni2=mini_omni2.cli:main"]},
 )

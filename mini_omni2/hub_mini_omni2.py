@@ -172,6 +172,7 @@ def _usage(config, repo_id: str) -> str:
         'print(answer["text"])\n'
         if config.has_vision else ""
     )
+    image_field = ' "image": "<base64 of an image>",' if config.has_vision else ""
     return f'''## Usage
 
 With transformers' `pipeline` (the model's code, the pipeline included, is in this repository; nothing else to
@@ -215,9 +216,9 @@ print(processor.decode(out.text_ids[0]))   # out.waveforms[0]: the spoken answer
 ### Inference Endpoints
 
 `handler.py` serves the pipeline. Request: `{{"inputs": "What is your name?"}}`, or
-`{{"inputs": {{"audio": "<base64 of a wav/flac file>", "image": "<base64 of an image>", "text": "...", "output":
-"speech"}}, "parameters": {{"max_new_tokens": 256}}}}` (a list of inputs answers a batch). Answer: `{{"text": "...",
-"audio": "<base64 of a 16-bit wav>", "sampling_rate": 24000}}`.
+`{{"inputs": {{"audio": "<base64 of a wav/flac file>",{image_field} "output": "speech"}}, "parameters":
+{{"max_new_tokens": 256}}}}` (a list of inputs answers a batch). Answer: `{{"text": "...", "audio": "<base64 of a
+16-bit wav>", "sampling_rate": 24000}}`.
 '''
 
 

@@ -72,3 +72,17 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def install_in_hub_cache(folder, repo_id: str, hf_home) -> str:
+    """Put a saved folder into a Hugging Face cache under ``repo_id``, as a download would, so that with
+    ``HF_HOME=hf_home`` and ``HF_HUB_OFFLINE=1`` the repo id loads offline. Returns the snapshot folder."""
+    from pathlib import Path
+
+    commit = "0" * 40
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return str(snapshot)

@@ -20,7 +20,7 @@ from mini_omni2 import MiniOmni2Pipeline
 from mini_omni2.pipeline_mini_omni2 import resolve_dtype
 from mini_omni2.tiny import tiny_model
 
-from conftest import color_image, espeak_wav
+from conftest import color_image, espeak_wav, install_in_hub_cache
 
 GREEDY = {"do_sample": False, "codec_noise": False}  # deterministic answers and waveforms
 
@@ -207,21 +207,31 @@ def test_dtype(processor):
     assert answer["audio"].dtype == np.float32 and isinstance(answer["text"], str)
 
 
-# ----- a saved folder, where mini_omni2 is not installed --------------------------------------------------------------
+# ----- a Hub repo, where mini_omni2 is not installed ------------------------------------------------------------------
 REMOTE_USER = textwrap.dedent(
     """
-    import base64, importlib.util, io, json, sys
+    import base64, importlib.util, io, json, re, sys
     class BlockMiniOmni2:
         def find_spec(self, name, path=None, target=None):
             if name == "mini_omni2" or name.startswith("mini_omni2."):
                 raise ImportError("mini_omni2 is not installed here")
     sys.meta_path.insert(0, BlockMiniOmni2())
+    import numpy as np, soundfile
+    from PIL import Image
     from transformers import pipeline
-    folder, question = sys.argv[1], sys.argv[2]
+    repo_id, snapshot, question = sys.argv[1:4]
     greedy = {"do_sample": False, "codec_noise": False}
     report = {}
 
-    pipe = pipeline(model=folder, trust_remote_code=True, generate_kwargs=greedy, max_new_tokens=10)
+    # the model card's usage code, as written (the repo id), with short answers
+    soundfile.write("question.wav", *soundfile.read(question))
+    Image.new("RGB", (320, 240), (255, 0, 0)).save("picture.jpg")
+    card = open(snapshot + "/README.md").read()
+    for block in re.findall(r"```python\\n(.*?)```", card, re.S):
+        exec(compile(block.replace("max_new_tokens=512", "max_new_tokens=12"), "README.md", "exec"), {})
+    report["card_blocks"] = len(re.findall(r"```python\\n(.*?)```", card, re.S))
+
+    pipe = pipeline(model=repo_id, trust_remote_code=True, generate_kwargs=greedy, max_new_tokens=10)
     report["pipeline"] = type(pipe).__module__ + "." + type(pipe).__name__
     report["task"] = pipe.task
     audio = open(question, "rb").read()
@@ -229,15 +239,16 @@ REMOTE_USER = textwrap.dedent(
                    batch_size=2)
     report["answers"] = [{"text": a["text"], "audio": a["audio"].tolist() if "audio" in a else None} for a in answers]
 
-    # the Inference Endpoints runtime: handler.py imported from the repository, called with the parsed JSON body
-    spec = importlib.util.spec_from_file_location("handler", folder + "/handler.py")
+    # the Inference Endpoints runtime: handler.py imported from the repository folder, called with the parsed body
+    spec = importlib.util.spec_from_file_location("handler", snapshot + "/handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    handler = module.EndpointHandler(path=folder)
+    handler = module.EndpointHandler(path=snapshot)
     body = json.dumps({"inputs": [{"text": "hello world"}, {"audio": base64.b64encode(audio).decode(), "output": "text"}],
                        "parameters": {"max_new_tokens": 10, "generate_kwargs": greedy, "batch_size": 2}})
     report["endpoint"] = json.loads(json.dumps(handler(json.loads(body))))
-    report["endpoint_single"] = json.loads(json.dumps(handler({"inputs": "hello world", "parameters": {"output": "text", "max_new_tokens": 10}})))
+    single = {"inputs": "hello world", "parameters": {"output": "text", "max_new_tokens": 10}}
+    report["endpoint_single"] = json.loads(json.dumps(handler(single)))
     try:
         handler({"inputs": {"audio": "not base64!"}})
     except ValueError as error:
@@ -247,10 +258,10 @@ REMOTE_USER = textwrap.dedent(
 )
 
 
-def test_a_saved_folder_serves_the_pipeline_and_the_endpoint_without_the_package(model, processor, pipe, question,
-                                                                                 tmp_path):
+def test_a_hub_repo_serves_the_card_code_pipeline_and_endpoint_without_the_package(model, processor, pipe, question,
+                                                                                   tmp_path):
     folder = tmp_path / "tiny-mini-omni2"
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, repo_id="me/tiny-mini-omni2")
     processor.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["custom_pipelines"] == {
@@ -259,16 +270,20 @@ def test_a_saved_folder_serves_the_pipeline_and_the_endpoint_without_the_package
     }
     for name in ("pipeline_mini_omni2.py", "handler.py", "requirements.txt", "README.md"):
         assert (folder / name).is_file(), name
+    assert 'pipeline(model="me/tiny-mini-omni2", trust_remote_code=True)' in (folder / "README.md").read_text()
+    snapshot = install_in_hub_cache(folder, "me/tiny-mini-omni2", tmp_path / "hf")
     script = tmp_path / "user.py"
     script.write_text(REMOTE_USER)
     result = subprocess.run(
-        [sys.executable, str(script), str(folder), question[0]], cwd=tmp_path, capture_output=True, text=True,
-        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"},
-        timeout=300,
+        [sys.executable, str(script), "me/tiny-mini-omni2", snapshot, question[0]], cwd=tmp_path, capture_output=True,
+        text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path),
+             "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["pipeline"].startswith("transformers_modules.") and report["pipeline"].endswith(".MiniOmni2Pipeline")
+    assert report["card_blocks"] == 2 and (tmp_path / "answer.wav").is_file()  # the card's code ran, as written
+    assert report["pipeline"].startswith("transformers_modules.me.") and report["pipeline"].endswith(".MiniOmni2Pipeline")
     assert report["task"] == "any-to-any"
 
     expected = [pipe("hello world"), pipe({"audio": question[0], "output": "asr"}), pipe({"audio": question[0]})]
