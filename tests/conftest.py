@@ -44,12 +44,13 @@ def sine(seconds: float, sampling_rate: int = 16000, freq: float = 220.0, channe
     return wave if channels == 1 else np.stack([wave] * channels, axis=1)
 
 
-def espeak_wav(text: str, path) -> str:
-    """Speech synthesised with espeak-ng into a wav file (installed by .ci/run)."""
+def espeak_wav(text: str, path, speed: int | None = None) -> str:
+    """Speech synthesised with espeak-ng into a wav file (installed by .ci/run); ``speed`` in words per minute."""
     exe = shutil.which("espeak-ng")
     if exe is None:
         pytest.fail("espeak-ng is not installed; .ci/run installs it (apt-get install espeak-ng)")
-    subprocess.run([exe, "-w", str(path), text], check=True, capture_output=True)
+    rate = ["-s", str(speed)] if speed is not None else []
+    subprocess.run([exe, *rate, "-w", str(path), text], check=True, capture_output=True)
     return str(path)
 
 
