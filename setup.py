@@ -25,6 +25,7 @@ setup(
     ],
     extras_require={
         "train": ["peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
+        "eval": ["datasets>=3.0", "evaluate", "jiwer"],
         "serve": ["fastapi", "uvicorn"],
         "test": ["pytest", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
     },

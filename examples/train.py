@@ -68,12 +68,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP (Trainer's integration; docs/training.md)")
     parser.add_argument("--fsdp-config", default=None, help="Trainer's fsdp_config: a JSON file (version, wrapping ...)")
     parser.add_argument("--deepspeed", default=None, help="Trainer's DeepSpeed integration: a DeepSpeed JSON config")
-    parser.add_argument(
-        "--report-ranks",
-        action="store_true",
-        help="each process writes rank<N>.json: world size, backend, a digest of its batches and of the trained "
-        "parameters (the replicas of a DDP run must end equal)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3)
     parser.add_argument("--adapter-learning-rate", type=float, help="stage 3: a separate peak rate for the adapters")
     parser.add_argument("--train-encoders", action="store_true", help="also train the Whisper and CLIP encoders")
+    parser.add_argument(
+        "--report-ranks",
+        action="store_true",
+        help="each process writes rank<N>.json: world size, backend, a digest of its batches and of the trained "
+        "parameters (the replicas of a DDP run must end equal)",
+    )
     return parser
 
 
@@ -193,6 +193,8 @@ def write_rank_report(output_dir: str, trainer, model, batches: BatchDigest) -> 
         "world_size": state.num_processes,
         "distributed_type": str(state.distributed_type).split(".")[-1],
         "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+        "fsdp": bool(trainer.is_fsdp_enabled),
+        "deepspeed": bool(trainer.is_deepspeed_enabled),
         "batches": batches.batches,
         "batches_sha256": batches.sha256.hexdigest(),
         "parameters_sha256": parameter_digest(model),

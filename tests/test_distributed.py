@@ -43,6 +43,7 @@ def test_ddp_with_two_cpu_processes_trains_one_model(tmp_path):
     for rank, report in enumerate(ranks):
         assert (report["rank"], report["world_size"], report["backend"]) == (rank, 2, "gloo")
         assert report["distributed_type"] == "MULTI_CPU" and report["steps"] == 2
+        assert not report["fsdp"] and not report["deepspeed"]  # plain DDP
     assert ranks[0]["batches_sha256"] != ranks[1]["batches_sha256"]  # each rank trained on its own batches
     assert ranks[0]["parameters_sha256"] == ranks[1]["parameters_sha256"]  # ... into the same model
     train = load_example("train")
