@@ -61,8 +61,12 @@ def releases(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(releases, tmp_path_factory):
     root = tmp_path_factory.mktemp("converted")
+    results = root / "asr.json"  # what `mini-omni2 eval asr --output` writes (the fields the card reads)
+    results.write_text(json.dumps({"task": "asr", "dataset": "openslr/librispeech_asr", "config": "clean",
+                                   "split": "test", "num_examples": 2620, "metrics": {"wer": 0.045}}))
     return {
-        name: convert_checkpoint(release, root / name, snac=snac, progress=False, max_shard_size="300KB")
+        name: convert_checkpoint(release, root / name, snac=snac, progress=False, max_shard_size="300KB",
+                                 eval_results=[results] if name == "mini-omni" else None)
         for name, (release, snac) in releases.items()
     }
 
@@ -403,6 +407,11 @@ def test_written_model_cards(converted):
         assert "converted with `mini-omni2 convert`" in card.text
         assert f'pipeline(model="{path}", trust_remote_code=True)' in card.text
         assert ('"image": "picture.jpg"' in card.text) == (family == "mini-omni2")
+        if family == "mini-omni":  # converted with --eval-results
+            (result,) = meta.eval_results
+            assert (result.task_type, result.metric_type, result.metric_value) == ("automatic-speech-recognition", "wer", 4.5)
+        else:
+            assert meta.eval_results is None
         blocks = re.findall(r"```python\n(.*?)```", card.text, re.S)
         assert len(blocks) == 2
         for block in blocks:

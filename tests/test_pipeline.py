@@ -231,19 +231,20 @@ REMOTE_USER = textwrap.dedent(
         exec(compile(block.replace("max_new_tokens=512", "max_new_tokens=12"), "README.md", "exec"), {})
     report["card_blocks"] = len(re.findall(r"```python\\n(.*?)```", card, re.S))
 
-    pipe = pipeline(model=repo_id, trust_remote_code=True, generate_kwargs=greedy, max_new_tokens=10)
-    report["pipeline"] = type(pipe).__module__ + "." + type(pipe).__name__
-    report["task"] = pipe.task
-    audio = open(question, "rb").read()
-    answers = pipe(["hello world", {"audio": audio, "output": "asr"}, {"audio": {"path": question, "bytes": None}}],
-                   batch_size=2)
-    report["answers"] = [{"text": a["text"], "audio": a["audio"].tolist() if "audio" in a else None} for a in answers]
-
     # the Inference Endpoints runtime: handler.py imported from the repository folder, called with the parsed body
     spec = importlib.util.spec_from_file_location("handler", snapshot + "/handler.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     handler = module.EndpointHandler(path=snapshot)
+
+    # the pipeline it serves (built by pipeline(model=..., trust_remote_code=True))
+    pipe = handler.pipeline
+    report["pipeline"] = type(pipe).__module__ + "." + type(pipe).__name__
+    report["task"] = pipe.task
+    audio = open(question, "rb").read()
+    answers = pipe(["hello world", {"audio": audio, "output": "asr"}, {"audio": {"path": question, "bytes": None}}],
+                   batch_size=2, max_new_tokens=10, generate_kwargs=greedy)
+    report["answers"] = [{"text": a["text"], "audio": a["audio"].tolist() if "audio" in a else None} for a in answers]
     body = json.dumps({"inputs": [{"text": "hello world"}, {"audio": base64.b64encode(audio).decode(), "output": "text"}],
                        "parameters": {"max_new_tokens": 10, "generate_kwargs": greedy, "batch_size": 2}})
     report["endpoint"] = json.loads(json.dumps(handler(json.loads(body))))
@@ -283,7 +284,7 @@ def test_a_hub_repo_serves_the_card_code_pipeline_and_endpoint_without_the_packa
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["card_blocks"] == 2 and (tmp_path / "answer.wav").is_file()  # the card's code ran, as written
-    assert report["pipeline"].startswith("transformers_modules.me.") and report["pipeline"].endswith(".MiniOmni2Pipeline")
+    assert report["pipeline"].startswith("transformers_modules.") and report["pipeline"].endswith(".MiniOmni2Pipeline")
     assert report["task"] == "any-to-any"
 
     expected = [pipe("hello world"), pipe({"audio": question[0], "output": "asr"}), pipe({"audio": question[0]})]
