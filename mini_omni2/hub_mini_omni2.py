@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -57,6 +58,27 @@ class EndpointHandler:
 _SAVE_PUSH_KEYS = ("commit_message", "commit_description", "private", "token", "create_pr", "revision")
 
 
+@dataclass(frozen=True)
+class EvalMetric:
+    """How the card reports one metric of a ``mini-omni2 eval`` results dict."""
+
+    key: str  # in results["metrics"], a fraction
+    task_type: str  # model-index task type
+    task_name: str
+    metric_type: str  # model-index metric type
+    label: str  # the table's and model-index's name (shown in %)
+
+
+#: The metrics each ``mini-omni2 eval`` task reports (docs/evaluation.md).
+EVAL_METRICS = {
+    "asr": [EvalMetric("wer", "automatic-speech-recognition", "Automatic Speech Recognition", "wer", "WER")],
+    "spoken-qa": [
+        EvalMetric("speech_text_wer", "any-to-any", "Spoken question answering", "wer", "Speech-text WER"),
+        EvalMetric("accuracy", "any-to-any", "Spoken question answering", "accuracy", "Accuracy"),
+    ],
+}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation results -> model-index
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,36 +104,29 @@ def _dataset_type(dataset: str) -> str:
     return dataset if HUB_ID.match(dataset or "") and not Path(dataset).exists() else Path(dataset or "dataset").name
 
 
+def _reported(result: dict) -> list[tuple[EvalMetric, float]]:
+    """The metrics of one results dict that have a value, with how the card reports them."""
+    if result["task"] not in EVAL_METRICS:
+        raise ValueError(f"unknown evaluation task {result['task']!r}; expected one of {sorted(EVAL_METRICS)}")
+    metrics = result["metrics"]
+    return [(m, metrics[m.key]) for m in EVAL_METRICS[result["task"]] if metrics.get(m.key) is not None]
+
+
 def eval_results_to_model_index(results: Iterable[dict]):
     """``mini-omni2 eval`` results -> ``huggingface_hub.EvalResult``s (WER and accuracy in %)."""
     from huggingface_hub import EvalResult
 
     entries = []
     for result in results:
-        dataset = result.get("dataset") or "dataset"
+        dataset = _dataset_type(result.get("dataset") or "dataset")
         parts = [p for p in (result.get("config"), result.get("split")) if p]
-        common = dict(
-            dataset_type=_dataset_type(dataset),
-            dataset_name=f"{_dataset_type(dataset)} ({', '.join(parts)})" if parts else _dataset_type(dataset),
-            dataset_config=result.get("config"),
-            dataset_split=result.get("split"),
-        )
-        metrics = result["metrics"]
-        if result["task"] == "asr":
-            entries.append(EvalResult(task_type="automatic-speech-recognition", task_name="Automatic Speech Recognition",
-                                      metric_type="wer", metric_name="WER (%)",
-                                      metric_value=round(100 * metrics["wer"], 2), **common))
-        elif result["task"] == "spoken-qa":
-            if metrics.get("speech_text_wer") is not None:
-                entries.append(EvalResult(task_type="any-to-any", task_name="Spoken question answering",
-                                          metric_type="wer", metric_name="Speech-text WER (%)",
-                                          metric_value=round(100 * metrics["speech_text_wer"], 2), **common))
-            if metrics.get("accuracy") is not None:
-                entries.append(EvalResult(task_type="any-to-any", task_name="Spoken question answering",
-                                          metric_type="accuracy", metric_name="Accuracy (%)",
-                                          metric_value=round(100 * metrics["accuracy"], 2), **common))
-        else:
-            raise ValueError(f"unknown evaluation task {result['task']!r} (expected 'asr' or 'spoken-qa')")
+        for metric, value in _reported(result):
+            entries.append(EvalResult(
+                task_type=metric.task_type, task_name=metric.task_name, metric_type=metric.metric_type,
+                metric_name=f"{metric.label} (%)", metric_value=round(100 * value, 2), dataset_type=dataset,
+                dataset_name=f"{dataset} ({', '.join(parts)})" if parts else dataset,
+                dataset_config=result.get("config"), dataset_split=result.get("split"),
+            ))
     return entries
 
 
@@ -138,12 +153,11 @@ def _tags(config, extra: Iterable[str] | None) -> list[str]:
     return tags
 
 
-def _widget(config) -> list[dict]:
-    widget = [
-        {"text": "What is your name?", "example_title": "A written question (text and speech answer)"},
-        {"src": "https://cdn-media.huggingface.co/speech_samples/sample1.flac", "example_title": "A spoken prompt"},
-    ]
-    return widget
+#: The Hub widget's examples: a written question, and a spoken prompt (a public speech sample of the Hub).
+WIDGET = [
+    {"text": "What is your name?", "example_title": "A written question (text and speech answer)"},
+    {"src": "https://cdn-media.huggingface.co/speech_samples/sample1.flac", "example_title": "A spoken prompt"},
+]
 
 
 def _parts_table(config) -> str:
@@ -228,15 +242,10 @@ def _evaluation(eval_results: list[dict]) -> str:
     lines = ["## Evaluation", "", "Measured with `mini-omni2 eval` (text normalized with Whisper's English normalizer).",
              "", "| task | dataset | config | split | examples | metric | value |", "|---|---|---|---|---:|---|---:|"]
     for result in eval_results:
-        metrics = result["metrics"]
-        named = {"asr": [("WER %", metrics.get("wer"))],
-                 "spoken-qa": [("speech-text WER %", metrics.get("speech_text_wer")),
-                               ("accuracy %", metrics.get("accuracy"))]}[result["task"]]
-        for name, value in named:
-            if value is None:
-                continue
+        for metric, value in _reported(result):
             lines.append(f"| {result['task']} | {_dataset_type(result.get('dataset') or '')} | {result.get('config') or ''} "
-                         f"| {result.get('split') or ''} | {result.get('num_examples', '')} | {name} | {100 * value:.2f} |")
+                         f"| {result.get('split') or ''} | {result.get('num_examples', '')} | {metric.label} % | "
+                         f"{100 * value:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -271,7 +280,7 @@ def render_model_card(
         pipeline_tag="any-to-any",
         base_model=base_model,
         tags=_tags(config, tags),
-        widget=_widget(config),
+        widget=WIDGET,
         eval_results=model_index or None,
         model_name=repo_id if model_index else None,
     )
