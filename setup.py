@@ -26,6 +26,7 @@ setup(
     ],
     extras_require={
         "train": ["peft>=0.13", "datasets>=3.0", "evaluate", "jiwer"],
+        "eval": ["datasets>=3.0", "evaluate", "jiwer"],
         # the server: FastAPI + uvicorn (websockets for /v1/realtime, python-multipart for transcription uploads),
         # silero-vad (turn detection; plain silero-vad needs only torch), soxr (resampling)
         "serve": ["fastapi", "uvicorn", "websockets>=13,<16", "python-multipart", "silero-vad>=5", "soxr"],
@@ -34,15 +35,10 @@ setup(
         # decoding datasets Audio columns: torchcodec's PyPI wheels need a CUDA torch and FFmpeg (docs/inputs.md)
         "audio": ["datasets>=3.0", "torchcodec"],
         # the serving tests drive the server with the official openai SDK (its realtime client needs websockets)
-        # and the voice page with selenium + the system's chromium / chromedriver (installed by .ci/run)
+        # and the voice page with selenium + the system's chromium / chromedriver (installed by scripts/install.sh test)
         "test": ["pytest", "hypothesis", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer", "fastapi", "uvicorn",
                  "websockets>=13,<16", "python-multipart", "silero-vad>=5", "soxr", "openai>=2", "selenium>=4.11",
                  "torchao"],
     },
-    # the model cards that `mini-omni2 convert` writes, for non-editable installs
-    data_files=[
-        ("share/mini_omni2/model_cards/mini-omni2", ["model_cards/mini-omni2/README.md"]),
-        ("share/mini_omni2/model_cards/mini-omni", ["model_cards/mini-omni/README.md"]),
-    ],
     entry_points={"console_scripts": ["mini-omni2=mini_omni2.cli:main"]},
 )

@@ -8,6 +8,12 @@ With a converted checkpoint and your own data (JSON lines in the example format 
 
     python examples/train.py --model ./mini-omni2-hf --stage 2 --train-file data.jsonl --output-dir runs/stage2
 
+On several GPUs (or CPU processes), launch it with accelerate; Trainer runs DDP, or FSDP / DeepSpeed through its own
+integrations (``--fsdp``, ``--deepspeed``; commands in docs/training.md):
+
+    accelerate launch --multi_gpu --num_processes 8 examples/train.py --model ./mini-omni2-hf --stage 3 ...
+    accelerate launch --cpu --num_processes 2 examples/train.py --model tiny-random --max-steps 4 --output-dir runs/ddp
+
 Stage 1 trains the adapters, stage 2 the language model on text answers, stage 3 everything but the encoders.
 Defaults follow the paper: cosine schedule to the stage's final rate, 1,500 warm-up steps, global batch 192,
 peak learning rate 1e-3 (stage 1) or 2e-4 (stages 2, 3). With ``--model tiny-random`` the warm-up defaults to 0
@@ -17,6 +23,7 @@ and the global batch to 8. The trained model and processor are saved to ``--outp
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +65,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP (Trainer's integration; docs/training.md)")
+    parser.add_argument("--fsdp-config", default=None, help="Trainer's fsdp_config: a JSON file (version, wrapping ...)")
+    parser.add_argument("--deepspeed", default=None, help="Trainer's DeepSpeed integration: a DeepSpeed JSON config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage", type=int, choices=(1, 2, 3), default=3)
     parser.add_argument("--adapter-learning-rate", type=float, help="stage 3: a separate peak rate for the adapters")
     parser.add_argument("--train-encoders", action="store_true", help="also train the Whisper and CLIP encoders")
+    parser.add_argument(
+        "--report-ranks",
+        action="store_true",
+        help="each process writes rank<N>.json: world size, backend, a digest of its batches and of the trained "
+        "parameters (the replicas of a DDP run must end equal)",
+    )
     return parser
 
 
@@ -134,10 +150,60 @@ def trainer_arguments(args, stage: int, learning_rate: float | None):
         seed=args.seed,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
+        fsdp=args.fsdp or None,
+        fsdp_config=args.fsdp_config,
+        deepspeed=args.deepspeed,
     )
     if learning_rate is not None:
         overrides["learning_rate"] = learning_rate
     return training_arguments(stage, args.output_dir, **overrides)
+
+
+class BatchDigest:
+    """Wraps a collator and hashes the input ids of every batch it makes (what this process trained on)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.sha256 = hashlib.sha256()
+        self.batches = 0
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        self.sha256.update(batch["input_ids"].numpy().tobytes())
+        self.batches += 1
+        return batch
+
+
+def parameter_digest(model) -> str:
+    """sha256 of every parameter's bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_rank_report(output_dir: str, trainer, model, batches: BatchDigest) -> dict:
+    """``rank<N>.json``: this process's world size, backend, batch digest and trained-parameter digest."""
+    import torch.distributed as dist
+
+    state = trainer.accelerator.state
+    report = {
+        "rank": state.process_index,
+        "world_size": state.num_processes,
+        "distributed_type": str(state.distributed_type).split(".")[-1],
+        "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+        "fsdp": bool(trainer.is_fsdp_enabled),
+        "deepspeed": bool(trainer.is_deepspeed_enabled),
+        "batches": batches.batches,
+        "batches_sha256": batches.sha256.hexdigest(),
+        "parameters_sha256": parameter_digest(model),
+        "steps": trainer.state.global_step,
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"rank{report['rank']}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -159,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stage == 2 and any(TASKS[t][1] == OUTPUT_SPEECH for t in set(train_dataset["task"])):
         logger.warning("stage 2 trains on text answers in the paper; this data has speech answers")
     collator = MiniOmni2DataCollator(processor, codec=model.codec, batch_parallel_twins=args.batch_parallel_twins)
+    if args.report_ranks:
+        collator = BatchDigest(collator)
     training_args = trainer_arguments(args, args.stage, args.learning_rate)
 
     optimizers = (None, None)
@@ -176,12 +244,15 @@ def main(argv: list[str] | None = None) -> dict:
         optimizers=optimizers,
     )
     result = trainer.train()
-    trainer.save_model(args.output_dir)
-    processor.save_pretrained(args.output_dir)
+    trainer.save_model(args.output_dir)  # the main process writes (FSDP/DeepSpeed gather the weights first)
     summary = {"stage": args.stage, "train_loss": result.training_loss, "steps": result.global_step, **report}
-    with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    logger.info("saved to %s: %s", args.output_dir, json.dumps(summary))
+    if args.report_ranks:
+        summary["rank"] = write_rank_report(args.output_dir, trainer, model, collator)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        logger.info("saved to %s: %s", args.output_dir, json.dumps(summary))
     return summary
 
 

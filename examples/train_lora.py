@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> dict:
     peft_model.train()
     trainer = Trainer(model=peft_model, args=training_args, train_dataset=train_dataset, data_collator=collator)
     result = trainer.train()
-    trainer.save_model(args.output_dir)  # the LoRA adapter (and the modules_to_save copies)
-    processor.save_pretrained(args.output_dir)
+    trainer.save_model(args.output_dir)  # the LoRA adapter (and the modules_to_save copies); the main process writes
     summary = {"train_loss": result.training_loss, "steps": result.global_step, "trainable": report}
+    if not trainer.is_world_process_zero():  # under a distributed launch only the main process writes the rest
+        return summary
+    processor.save_pretrained(args.output_dir)
     if args.merge:
         merged = peft_model.merge_and_unload()
         merged_dir = os.path.join(args.output_dir, "merged")
-        merged.save_pretrained(merged_dir)
+        merged.save_pretrained(merged_dir)  # with the model card, the pipeline and the endpoint handler
         processor.save_pretrained(merged_dir)
         summary["merged"] = merged_dir
     with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:

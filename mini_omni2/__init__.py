@@ -9,6 +9,7 @@ from .modeling_mini_omni2 import (
 )
 from .generation_mini_omni2 import MiniOmni2GenerateOutput, release_generation_config
 from .processing_mini_omni2 import MiniOmni2Processor
+from .pipeline_mini_omni2 import MiniOmni2Pipeline
 from .streaming_mini_omni2 import MiniOmni2IteratorStreamer, MiniOmni2Streamer
 from .training import MiniOmni2DataCollator, configure_stage
 from .token_layout import TASKS, PromptLayout, TokenLayout
@@ -25,6 +26,7 @@ __all__ = [
     "MiniOmni2ForConditionalGeneration",
     "MiniOmni2Codec",
     "MiniOmni2Processor",
+    "MiniOmni2Pipeline",
     "MiniOmni2GenerateOutput",
     "MiniOmni2Streamer",
     "MiniOmni2IteratorStreamer",

@@ -183,10 +183,19 @@ class MiniOmni2PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as transformers does, with the full ``auto_map`` (config, base model and head) in config.json."""
+        """Save as transformers does, with the full ``auto_map`` (config, base model and head) in config.json, the
+        pipeline (``custom_pipelines``), the model card and the endpoint handler (``hub_mini_omni2``)."""
         if self._auto_class is not None:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        from .hub_mini_omni2 import save_with_hub_files
+
+        return save_with_hub_files(self, super().save_pretrained, save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the model with its own card (transformers' would write a blank one); see ``hub_mini_omni2``."""
+        from .hub_mini_omni2 import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The codec keeps SNAC's own initialisation (weight-normed convolutions, snake alphas).

@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMultimodalLM, AutoPr
 
 from .configuration_mini_omni2 import MiniOmni2Config
 from .modeling_mini_omni2 import MiniOmni2ForConditionalGeneration, MiniOmni2Model
+from .pipeline_mini_omni2 import register_pipeline
 from .processing_mini_omni2 import MiniOmni2Processor
 
 _done = False
@@ -14,7 +15,7 @@ _done = False
 def register() -> None:
     """Register the classes with AutoConfig/AutoModel/AutoModelForMultimodalLM/AutoProcessor and mark them for
     ``auto_map``, so that ``save_pretrained`` writes the code files and a folder loads with
-    ``trust_remote_code=True`` where this package is not installed."""
+    ``trust_remote_code=True`` where this package is not installed; register the pipeline for ``any-to-any``."""
     global _done
     if _done:
         return
@@ -26,4 +27,5 @@ def register() -> None:
     MiniOmni2Model.register_for_auto_class("AutoModel")
     MiniOmni2ForConditionalGeneration.register_for_auto_class("AutoModelForMultimodalLM")
     MiniOmni2Processor.register_for_auto_class("AutoProcessor")
+    register_pipeline()
     _done = True

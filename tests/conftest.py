@@ -44,12 +44,13 @@ def sine(seconds: float, sampling_rate: int = 16000, freq: float = 220.0, channe
     return wave if channels == 1 else np.stack([wave] * channels, axis=1)
 
 
-def espeak_wav(text: str, path) -> str:
-    """Speech synthesised with espeak-ng into a wav file (installed by .ci/run)."""
+def espeak_wav(text: str, path, speed: int | None = None) -> str:
+    """Speech synthesised with espeak-ng into a wav file (installed by .ci/run); ``speed`` in words per minute."""
     exe = shutil.which("espeak-ng")
     if exe is None:
         pytest.fail("espeak-ng is not installed; .ci/run installs it (apt-get install espeak-ng)")
-    subprocess.run([exe, "-w", str(path), text], check=True, capture_output=True)
+    rate = ["-s", str(speed)] if speed is not None else []
+    subprocess.run([exe, *rate, "-w", str(path), text], check=True, capture_output=True)
     return str(path)
 
 
@@ -72,3 +73,17 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def install_in_hub_cache(folder, repo_id: str, hf_home) -> str:
+    """Put a saved folder into a Hugging Face cache under ``repo_id``, as a download would, so that with
+    ``HF_HOME=hf_home`` and ``HF_HUB_OFFLINE=1`` the repo id loads offline. Returns the snapshot folder."""
+    from pathlib import Path
+
+    commit = "0" * 40
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return str(snapshot)

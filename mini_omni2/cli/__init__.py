@@ -1,5 +1,5 @@
-"""The ``mini-omni2`` command: ``chat`` (answer in text and speech), ``serve`` (the OpenAI-compatible voice server)
-and ``convert`` (original release -> Hub folder)."""
+"""The ``mini-omni2`` command: ``chat`` (answer in text and speech), ``serve`` (the OpenAI-compatible voice server),
+``convert`` (original release -> Hub folder) and ``eval`` (ASR word error rate, spoken question answering)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .chat import add_chat_arguments
     from .serve import add_serve_arguments
     from ..conversion.convert import add_convert_arguments
+    from ..evaluation.cli import add_eval_arguments
 
     add_chat_arguments(commands.add_parser("chat", help="answer a spoken, written or visual prompt"))
     add_serve_arguments(commands.add_parser("serve", help="serve the OpenAI-compatible API and a voice web page"))
     add_convert_arguments(commands.add_parser("convert", help="convert an original checkpoint into a Hub folder"))
+    add_eval_arguments(commands.add_parser("eval", help="evaluate: ASR word error rate, spoken question answering"))
     return parser
 
 
@@ -30,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
         from .serve import run_serve
 
         return run_serve(args)
+    if args.command == "eval":
+        from ..evaluation.cli import run_eval
+
+        return run_eval(args)
     from ..conversion.convert import run_convert
 
     return run_convert(args) or 0

@@ -5,7 +5,7 @@
 Mini-Omni2 only), the Qwen2 tokenizer files and the SNAC 24 kHz codec (its own repo), maps every tensor onto
 :class:`~mini_omni2.MiniOmni2ForConditionalGeneration` and writes sharded safetensors, ``config.json`` with
 ``auto_map`` and the code files, ``generation_config.json`` with the release's sampling, the processor and tokenizer,
-and a model card. The mapping is strict: any missing, unused or mis-shaped tensor ends in one
+and (through ``save_pretrained``) the model card, the pipeline and the Inference Endpoints handler. The mapping is strict: any missing, unused or mis-shaped tensor ends in one
 :class:`~mini_omni2.conversion.mapping.ConversionError` that lists them all. See ``docs/conversion.md``.
 """
 
@@ -18,7 +18,6 @@ import os
 import re
 import warnings
 import zipfile
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -53,10 +52,6 @@ SNAC_FILES = ["config.json", "pytorch_model.bin"]
 #: Sampling of the release's inference code (SPEC §6): temperature 0.9, top_k 1 (effectively greedy), top_p 1.0.
 RELEASE_SAMPLING = dict(do_sample=True, temperature=0.9, top_k=1, top_p=1.0)
 
-#: Where the model cards live in a source checkout; the card of the converted family is copied into the output.
-MODEL_CARDS = Path(__file__).resolve().parents[2] / "model_cards"  # a source checkout or editable install
-INSTALLED_MODEL_CARDS = Path(sys.prefix) / "share" / "mini_omni2" / "model_cards"  # setup.py data_files
-REPO_ID_PLACEHOLDER = "<repo_id>"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -305,21 +300,19 @@ def _release_generation_config():
     return release_generation_config()
 
 
-def _model_card(config, repo_id: str | None, output: Path) -> str:
-    family = "mini-omni2" if config.has_vision else "mini-omni"
-    path = MODEL_CARDS / family / "README.md"
-    if not path.is_file():
-        path = INSTALLED_MODEL_CARDS / family / "README.md"
-    if path.is_file():
-        card = path.read_text(encoding="utf-8")
-    else:  # an installed package without the repository's model_cards/
-        logger.warning("model card %s not found; writing a short card", path)
-        card = (
-            "---\nlicense: mit\npipeline_tag: any-to-any\nlibrary_name: transformers\nbase_model: Qwen/Qwen2-0.5B\n---\n"
-            f"# {family}\n\nConverted with `mini-omni2 convert`. Load with "
-            f"`AutoModelForMultimodalLM.from_pretrained(\"{REPO_ID_PLACEHOLDER}\", trust_remote_code=True)`.\n"
-        )
-    return card.replace(REPO_ID_PLACEHOLDER, repo_id or str(output))
+def card_arguments(source: str | os.PathLike, config) -> dict[str, str]:
+    """The model card's ``base_model`` and origin sentence for a conversion of ``source``."""
+    from ..hub_mini_omni2 import RELEASES
+
+    text = str(source)
+    base_model = text if HUB_ID.match(text) and not Path(text).exists() else RELEASES[bool(config.has_vision)]
+    origin = (
+        f"This is the original release [`{base_model}`](https://huggingface.co/{base_model}) converted with "
+        "`mini-omni2 convert` into a transformers model. Every tensor of the release is used, except the Whisper "
+        "text decoder and the CLIP text tower, which the model never runs. The SNAC 24 kHz codec is included, so the "
+        "model speaks on its own."
+    )
+    return {"base_model": base_model, "origin": origin}
 
 
 #: Weight files a conversion writes (``save_pretrained``): removed from the output folder before writing, so that an
@@ -432,6 +425,7 @@ def convert_checkpoint(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
     private: bool | None = None,
+    eval_results: Any = None,
 ) -> Path:
     """Convert an original Mini-Omni / Mini-Omni2 release into a Hub-ready folder; returns the folder.
 
@@ -445,6 +439,7 @@ def convert_checkpoint(
         max_shard_size: safetensors shard size for ``save_pretrained``.
         progress: show tqdm progress bars.
         private: visibility of a repo created by ``push_to_hub``.
+        eval_results: ``mini-omni2 eval`` results (dicts or JSON paths) for the model card's evaluation section.
 
     Raises:
         ConversionError: (a ``ValueError``) listing every problem found, if the release cannot be converted exactly.
@@ -485,9 +480,10 @@ def convert_checkpoint(
     remove_stale_weights(output)
     if progress:
         logger.info("writing %s", output)
-    model.save_pretrained(str(output), max_shard_size=max_shard_size)
+    # the model card, the pipeline and the endpoint handler are written by save_pretrained (hub_mini_omni2)
+    model.save_pretrained(str(output), max_shard_size=max_shard_size, repo_id=push_to_hub,
+                          eval_results=eval_results, **card_arguments(source, model.config))
     processor.save_pretrained(str(output))
-    (output / "README.md").write_text(_model_card(model.config, push_to_hub, output), encoding="utf-8")
     _verify_folder(output, expected_names)
     logger.info("converted %s -> %s\n%s", source, output, report.summary())
     if progress:
@@ -515,6 +511,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="safetensors shard size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--eval-results", nargs="+", default=None, metavar="JSON",
+                        help="results of `mini-omni2 eval` to put in the model card (model-index)")
     return parser
 
 
@@ -529,6 +527,7 @@ def run_convert(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             progress=not args.no_progress,
             private=args.private or None,
+            eval_results=args.eval_results,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
