@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForMultimodalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .modeling_mini_omni2 import resolve_dtype as hardware_dtype
 from .processing_mini_omni2 import SAMPLING_RATE, check_sampling_rate, load_audio, load_image
 from .token_layout import OUTPUT_ASR, OUTPUT_SPEECH, OUTPUTS, task_name
 
@@ -50,15 +51,13 @@ def custom_pipelines_entry() -> dict[str, dict]:
     }
 
 
-def resolve_dtype(dtype: Any, model) -> torch.dtype | None:
-    """The dtype to run ``model`` in, or ``None`` to keep the one it was loaded with.
-
-    ``None`` and ``"auto"`` keep the loaded dtype (``pipeline(...)`` loads with ``dtype="auto"``: the checkpoint's).
-    A hardware-dependent ``"auto"`` (bfloat16 where the device computes it natively) belongs here, in one place for
-    the pipeline and the endpoint handler; it is not decided yet, so ``"auto"`` means the checkpoint's dtype.
-    """
+def resolve_dtype(dtype: Any, model) -> torch.dtype:
+    """The dtype to run ``model`` in. ``None`` and ``"auto"`` (``pipeline()``'s default) are the hardware's choice,
+    as for ``chat`` and ``serve``: bfloat16 where the model's device computes it natively, float32 otherwise
+    (:func:`~mini_omni2.modeling_mini_omni2.resolve_dtype`); a torch dtype or its name is taken as given."""
+    device = getattr(model, "device", None) or "cpu"
     if dtype is None or dtype == "auto":
-        return None
+        return hardware_dtype("auto", device)
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
@@ -125,7 +124,7 @@ class MiniOmni2Pipeline(Pipeline):
         if self.processor is None:
             raise ValueError("MiniOmni2Pipeline needs the model's processor: pass processor=MiniOmni2Processor(...)")
         target = resolve_dtype(dtype, self.model)
-        if target is not None and target != self.model.dtype:
+        if target != self.model.dtype:
             self.model.to(target)
             if getattr(self.model, "codec", None) is not None:
                 self.model.codec.float()  # SNAC decodes in float32 whatever the backbone's dtype

@@ -17,6 +17,7 @@ import torch
 from transformers import pipeline
 
 from mini_omni2 import MiniOmni2Pipeline
+from mini_omni2.modeling_mini_omni2 import native_bfloat16
 from mini_omni2.pipeline_mini_omni2 import resolve_dtype
 from mini_omni2.tiny import tiny_model
 
@@ -141,6 +142,8 @@ def test_generation_arguments(pipe, model, processor):
     with pytest.raises(TypeError, match="unexpected arguments \\['temperature'\\]"):
         pipe("hello world", temperature=0.5)
     with pytest.raises(TypeError, match="generate\\(\\) got unexpected arguments"):
+        pipe("hello world", generate_kwargs={"num_beam": 2})
+    with pytest.raises(ValueError, match="num_beams=2: beam search"):
         pipe("hello world", generate_kwargs={"num_beams": 2})
 
 
@@ -193,13 +196,14 @@ def test_other_models_keep_transformers_any_to_any(monkeypatch):
 
 
 def test_dtype(processor):
-    assert resolve_dtype("auto", None) is None and resolve_dtype(None, None) is None
+    native = torch.bfloat16 if native_bfloat16("cpu") else torch.float32  # auto: the hardware's choice
+    assert resolve_dtype("auto", None) is native and resolve_dtype(None, None) is native
     assert resolve_dtype("bfloat16", None) is torch.bfloat16 and resolve_dtype(torch.float16, None) is torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
         resolve_dtype("bf17", None)
     model = tiny_model(seed=3)
-    kept = pipeline("any-to-any", model=model, processor=processor, dtype="auto")
-    assert kept.model.dtype == torch.float32
+    auto = pipeline("any-to-any", model=model, processor=processor, dtype="auto")
+    assert auto.model.dtype == native
     cast = pipeline("any-to-any", model=model, processor=processor, dtype="bfloat16", max_new_tokens=6)
     assert cast.model.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
     assert {p.dtype for p in cast.model.codec.parameters()} == {torch.float32}  # SNAC stays float32
