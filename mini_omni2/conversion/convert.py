@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..modeling_mini_omni2 import DTYPES
 from .mapping import (
     CLIP,
     LIT,
@@ -41,7 +43,6 @@ from .mapping import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_SNAC = "hubertsiuzdak/snac_24khz"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 #: The release's files (SPEC §8); ``ViT-B-32.pt`` is needed only when the checkpoint has a vision adapter.
