@@ -363,6 +363,18 @@ async def wait_or_cancel(request: Request, job: AsyncJob, poll: float = 0.25):
             task.cancel()
 
 
+async def finished_job(request: Request, job: AsyncJob):
+    """A non-streamed answer's events and end; ``None`` if the client left (the job is cancelled); the API error
+    raised if the job failed."""
+    result = await wait_or_cancel(request, job)
+    if result is None:
+        return None
+    failure = job_failure(result[1])
+    if failure is not None:
+        raise failure
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # endpoints
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,13 +389,10 @@ async def chat_completions(request: Request):
     meta = {"id": new_id("chatcmpl-"), "created": int(time.time()), "model": state.model_name}
     if chat.stream:
         return JobStreamingResponse(stream_chat(state, job, prompt, meta, speech, chat.include_usage), job)
-    result = await wait_or_cancel(request, job)
+    result = await finished_job(request, job)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     events, done = result
-    failure = job_failure(done)
-    if failure is not None:
-        raise failure
     transcript = state.processor.decode(done.text_ids)
     message: dict[str, Any] = {"role": "assistant", "content": None if speech else transcript, "refusal": None,
                                "annotations": [], "audio": None}
@@ -486,13 +495,10 @@ async def transcriptions(request: Request):
     samples, rate = await asyncio.to_thread(decode_audio, data, None, "file")
     current = Turn("user", audio=await asyncio.to_thread(to_model_rate, samples, rate))
     job, prompt = await start_job(state, current, [], OUTPUT_ASR, {"temperature": temperature}, param="file")
-    result = await wait_or_cancel(request, job)
+    result = await finished_job(request, job)
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     _events, done = result
-    failure = job_failure(done)
-    if failure is not None:
-        raise failure
     text = state.processor.decode(done.text_ids)
     if response_format == "text":
         return PlainTextResponse(text)
