@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import weakref
 from typing import Any
 
@@ -334,6 +335,8 @@ _UNSET = object()
 def _text_processors(config: GenerationConfig, prompt_len: int, layout: TokenLayout) -> LogitsProcessorList:
     """transformers' logits processors for the GenerationConfig fields that shape the text stream (its scores
     ``(n, text_vocab)``, its history ``(n, seq + t)``); the user's ``logits_processor`` run after them."""
+    _check_number(config.repetition_penalty, "repetition_penalty", "a positive number (1.0: none)", positive=True)
+    _check_number(config.no_repeat_ngram_size, "no_repeat_ngram_size", "an integer >= 0 (0: none)", integer=True)
     processors = LogitsProcessorList()
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty=float(config.repetition_penalty)))
@@ -358,8 +361,22 @@ def _text_processors(config: GenerationConfig, prompt_len: int, layout: TokenLay
     return processors or None
 
 
+def _check_number(value, name: str, expected: str, positive: bool = False, integer: bool = False) -> None:
+    """A ValueError unless ``value`` (when set) is a finite number (> 0 with ``positive``, an int >= 0 with
+    ``integer``): transformers' processors would raise deep inside, or misbehave on NaN."""
+    if value is None:
+        return
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    bad = bad or (positive and value <= 0) or (integer and (not float(value).is_integer() or value < 0))
+    if bad:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 def _stopping_criteria(config: GenerationConfig, tokenizer: Any, layout: TokenLayout) -> StoppingCriteriaList | None:
     criteria = StoppingCriteriaList()
+    _check_number(config.max_time, "max_time", "a number of seconds >= 0", integer=False)
+    if config.max_time is not None and config.max_time < 0:
+        raise ValueError(f"max_time must be a number of seconds >= 0, got {config.max_time!r}")
     if config.max_time is not None:
         criteria.append(MaxTimeCriteria(max_time=float(config.max_time)))
     if config.stop_strings:
