@@ -212,20 +212,24 @@ def agreement(steps: int, audio_frames: int, int8: bool) -> list[dict]:
         other = model.generate(**bf_inputs, **kwargs).sequences[:, :, prompt_len:]
         differs = (other != fed).any(1)[0]
         first = int(differs.nonzero()[0, 0]) if bool(differs.any()) else steps
-        forced = teacher_forced(model, bf_inputs, fed)
+        forced = teacher_forced(model, bf_inputs, fed, reference)
         rows.append({
             "variant": name, "steps": steps,
             "first_difference_step": first,
             "free_text_equal": float((other[0, 7] == fed[0, 7]).float().mean()),
             "free_audio_equal": float((other[0, :7] == fed[0, :7]).float().mean()),
             "forced_text_equal": forced[0], "forced_audio_equal": forced[1],
+            "logit_relative_error": forced[2], "reference_top2_margin": forced[3],
         })
         del model
     return rows
 
 
-def teacher_forced(model, inputs, fed: torch.Tensor) -> tuple[float, float]:
-    """Feed float32's answer (one request, its twin built as generate does) and compare each step's greedy tokens."""
+def teacher_forced(model, inputs, fed: torch.Tensor, reference) -> tuple[float, float, float, float]:
+    """Feed float32's answer (one request, its twin built as generate does) to ``model`` and compare each step's
+    greedy tokens; also the relative error of its logits against float32's (``reference``) on the same inputs, and
+    float32's median gap between its best and second-best text logit (random weights leave near ties, which a
+    small error flips)."""
     layout = model.layout
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     twin = ids.clone()
@@ -239,13 +243,19 @@ def teacher_forced(model, inputs, fed: torch.Tensor) -> tuple[float, float]:
     audio_mask = torch.cat([inputs["audio_feature_mask"]] * 2)
     audio_mask = torch.cat([audio_mask, torch.zeros(2, answer.shape[-1], dtype=torch.bool)], dim=-1)
     out = model(input_ids=rows, attention_mask=full_mask, input_features=features, audio_feature_mask=audio_mask)
+    exact = reference(input_ids=rows, attention_mask=full_mask, input_features=features.float(),
+                      audio_feature_mask=audio_mask)
     start = ids.shape[-1] - 1
+    ours, theirs = out.logits[:, start:-1].float(), exact.logits[:, start:-1].float()
+    relative = float((ours - theirs).norm() / theirs.norm())
+    top2 = exact.text_logits[1, start:-1].float().topk(2, dim=-1).values
+    margin = float((top2[:, 0] - top2[:, 1]).median())
     text = out.text_logits[1, start:-1].argmax(-1)
     audio = out.audio_logits[0, :, start:-1].argmax(-1) + layout.stream_offsets()[: layout.num_audio_layers, None]
     text_target = answer[layout.text_stream]
     keep = text_target != layout.pad_t  # after eot the text is forced, not predicted
     text_equal = float((text == text_target)[keep].float().mean()) if bool(keep.any()) else float("nan")
-    return text_equal, float((audio == answer[: layout.num_audio_layers]).float().mean())
+    return text_equal, float((audio == answer[: layout.num_audio_layers]).float().mean()), relative, margin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,12 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.agreement:
         rows = agreement(args.agreement, args.audio_frames, args.int8)
         print("| variant | steps | first differing step | free-running text equal | free-running audio equal "
-              "| teacher-forced text equal | teacher-forced audio equal |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+              "| teacher-forced text equal | teacher-forced audio equal | logit relative error "
+              "| float32 top-2 text margin |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['variant']} | {r['steps']} | {r['first_difference_step']} | {100 * r['free_text_equal']:.1f} % "
                   f"| {100 * r['free_audio_equal']:.1f} % | {100 * r['forced_text_equal']:.1f} % "
-                  f"| {100 * r['forced_audio_equal']:.1f} % |")
+                  f"| {100 * r['forced_audio_equal']:.1f} % | {100 * r['logit_relative_error']:.2f} % "
+                  f"| {r['reference_top2_margin']:.4f} |")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)
