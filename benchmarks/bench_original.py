@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from bench_generate import build, make_inputs, run_generate  # noqa: E402
 from original_checkpoints import release_yaml  # noqa: E402
 
+from mini_omni2 import MiniOmni2Config  # noqa: E402
 from mini_omni2.modeling_mini_omni2 import resolve_dtype  # noqa: E402
 
 
@@ -48,16 +49,35 @@ def import_original(path: Path):
     return GPT, Config, next_token_image_batch
 
 
+def released_fields() -> dict:
+    """The release's ``model_config.yaml``: the tests' field list (every field LitGPT writes), at the released sizes
+    of this package's default config (SPEC §1)."""
+    config = MiniOmni2Config()
+    text, layout = config.text_config, config.token_layout
+    fields = release_yaml(vision=True)
+    fields.update(
+        n_embd=text.hidden_size, n_layer=text.num_hidden_layers, n_head=text.num_attention_heads,
+        n_query_groups=text.num_key_value_heads, head_size=text.head_dim, intermediate_size=text.intermediate_size,
+        padded_vocab_size=layout.total_vocab_size, vocab_size=layout.total_vocab_size,
+        text_vocab_size=layout.text_vocab_size, audio_vocab_size=layout.audio_vocab_size,
+        cat_audio_vocab_size=layout.num_audio_layers * layout.audio_vocab_size,
+        whisper_adapter_dim=config.audio_feature_dim, vision_adapter_dim=config.vision_feature_dim,
+        block_size=text.max_position_embeddings,
+    )
+    return fields
+
+
 @torch.no_grad()
 def original_steps_per_s(path: Path, dtype: torch.dtype, prompt_len: int, steps: int) -> float:
     GPT, Config, next_token_image_batch = import_original(path)
-    fields = release_yaml(vision=True)
-    config = Config(**{k: v for k, v in fields.items() if k in Config.__dataclass_fields__})
+    config = Config(**released_fields())
     torch.manual_seed(0)
     model = GPT(config).to(dtype).eval()
+    model.device = torch.device("cpu")  # the release reads it (lightning's Fabric sets it there)
     model.max_seq_length = prompt_len + steps + 8
     model.set_kv_cache(batch_size=2, dtype=dtype)
-    layout_pad = [152000 + 4160 * i + 4097 for i in range(7)] + [151937]  # pad_a per layer, pad_t (SPEC §2)
+    layout = MiniOmni2Config().token_layout
+    layout_pad = layout.pad_ids().tolist()  # pad_a per layer, pad_t (SPEC §2)
     prompt = [torch.full((2, prompt_len), layout_pad[s], dtype=torch.long) for s in range(8)]
     next_token_image_batch(model, None, None, prompt, None, None, input_pos=torch.arange(prompt_len),
                            temperature=0.9, top_k=1, top_p=1.0)
@@ -68,7 +88,7 @@ def original_steps_per_s(path: Path, dtype: torch.dtype, prompt_len: int, steps:
         began = time.perf_counter()
         audio, text = next_token_image_batch(model, None, None, ids, None, None, input_pos=position,
                                              temperature=0.9, top_k=1, top_p=1.0)
-        ids = [torch.stack([a[0] + 152000 + 4160 * i, torch.tensor(layout_pad[i])])[:, None]
+        ids = [torch.stack([a[0] + layout.audio_offset(i), torch.tensor(layout_pad[i])])[:, None]
                for i, a in enumerate(audio)] + [torch.cat([text, text])[:, None]]
         position = position + 1
         intervals.append(time.perf_counter() - began)
