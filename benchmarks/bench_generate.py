@@ -97,6 +97,37 @@ def build(device: torch.device, dtype: torch.dtype, int8: bool = False):
     return model, processor
 
 
+def memory_bandwidth_gbps(device: torch.device, megabytes: int = 512) -> float:
+    """Read bandwidth: GB/s of summing a tensor much larger than the caches (the median of 7 runs)."""
+    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    times = []
+    for _ in range(8):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        x.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - began)
+    return x.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights a decoding step reads while the text runs: the language model's layers and the whole head
+    (the speech row's audio slices plus its twin's text slice); the embedding reads 8 rows per row, nothing."""
+    layers = model.model.language_model.layers
+    tensors = list(layers.parameters()) + [model.lm_head.weight]
+    return int(sum(stored_bytes(t) for t in tensors))
+
+
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor stores: for a quantized tensor subclass (torchao's int8), those of its inner tensors."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def make_inputs(processor, batch: int, frames: int, device: torch.device, dtype: torch.dtype):
     rng = np.random.default_rng(0)
     samples = (frames - 1) * SAMPLES_PER_FRAME  # L = samples // 320 + 1 frames (SPEC §5)
@@ -326,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), file=sys.stderr)
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    bandwidth = memory_bandwidth_gbps(device)
+    step_bytes = weight_bytes_per_step(model)
+    print(f"\nmemory bandwidth {bandwidth:.1f} GB/s (read); weights read per step {step_bytes / 1e9:.2f} GB: a "
+          f"bandwidth-bound step cannot exceed {bandwidth * 1e9 / step_bytes:.1f} steps/s")
     variant = str(dtype).replace("torch.", "") + (" + int8" if args.int8 else "") + (" + compile" if args.compile else "")
     print(f"\nmachine: {machine}; {variant}; {steps} steps; prompt {args.audio_frames} audio frames; "
           f"torch {torch.__version__}; 1-min load average {load_before:.1f} before, {load_after:.1f} after\n")
@@ -340,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['rtf']:.2f} | {r['peak_gib']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "variant": variant, "steps": steps, "results": results}, f, indent=2)
+            json.dump({"machine": machine, "variant": variant, "steps": steps, "bandwidth_gbps": bandwidth,
+                       "weight_bytes_per_step": step_bytes, "results": results}, f, indent=2)
     return 0
 
 
