@@ -85,6 +85,7 @@ LISTEN_FEATURES_DEFAULT = dict(
     f_min=0.0,
     f_max=8000.0,
     context_frames=1,
+    running_mean_seconds=2.0,
 )
 
 

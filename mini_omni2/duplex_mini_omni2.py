@@ -71,7 +71,7 @@ class MiniOmni2ListenFrontEnd:
     """Streaming front end of the listening row: audio chunks of any size and rate in, whole frames out.
 
     ``feed(chunk, sampling_rate)`` returns the frames completed by that chunk (possibly none); ``flush()`` ends the
-    stream (the last partial frame is padded with zeros, as SNAC pads a one-shot encode). Chunks are resampled to the
+    stream (a last partial frame is dropped unless ``pad_partial=True``). Chunks are resampled to the
     codec's rate with a streaming resampler (soxr), so any chunking gives the same frames as the whole signal fed at
     once. Frames are
 
@@ -135,6 +135,9 @@ class MiniOmni2ListenFrontEnd:
 
         self.n_fft, self.hop_length = int(features["n_fft"]), int(features["hop_length"])
         self.num_mel_bins, self.context_frames = int(features["num_mel_bins"]), int(features["context_frames"])
+        seconds = float(features.get("running_mean_seconds", 0.0))
+        # per-frame weight of the running mean that is subtracted (0: none); a time constant of `seconds`
+        self._mean_rate = 0.0 if seconds <= 0 else 1.0 - math.exp(-self.frame_samples / (self.sampling_rate * seconds))
         if self.frame_samples % self.hop_length or self.n_fft < self.hop_length:
             raise ValueError("hop_length must divide the frame and be <= n_fft")
         self.columns_per_frame = self.frame_samples // self.hop_length
@@ -164,7 +167,20 @@ class MiniOmni2ListenFrontEnd:
         spec = torch.stft(signal, self.n_fft, self.hop_length, window=self._window, center=False, return_complex=True)
         mel = self._mel.T @ spec.abs().pow(2)  # (mels, n * columns)
         log_mel = (mel.clamp(min=LOG_MEL_FLOOR).log10() + 4.0) / 4.0
-        return log_mel.T.reshape(frames.shape[0], self.columns_per_frame * self.num_mel_bins)
+        columns = log_mel.T.reshape(frames.shape[0], self.columns_per_frame, self.num_mel_bins)
+        if self._mean_rate:
+            columns = self._subtract_running_mean(columns)
+        return columns.reshape(frames.shape[0], self.columns_per_frame * self.num_mel_bins)
+
+    def _subtract_running_mean(self, columns: torch.Tensor) -> torch.Tensor:
+        """Causal mean normalisation: subtract each mel bin's exponential running mean over frames (this one
+        included), which removes stationary noise colour and the input level."""
+        out = torch.empty_like(columns)
+        for k in range(columns.shape[0]):
+            current = columns[k].mean(dim=0)
+            self._mean = current if self._mean is None else self._mean + self._mean_rate * (current - self._mean)
+            out[k] = columns[k] - self._mean
+        return out
 
     def _stack_context(self, vectors: torch.Tensor) -> torch.Tensor:
         if self.context_frames == 1:
@@ -202,6 +218,7 @@ class MiniOmni2ListenFrontEnd:
         if self.listen_input == LISTEN_FEATURES:
             self._history = torch.zeros(self.n_fft - self.hop_length)
             self._previous = torch.zeros(self.context_frames - 1, self.num_mel_bins * self.columns_per_frame)
+            self._mean: torch.Tensor | None = None
         else:
             self._audio = torch.zeros(0)  # whole frames still needed as context, from frame index `_dropped`
             self._dropped = 0
@@ -216,20 +233,21 @@ class MiniOmni2ListenFrontEnd:
             self._resampler = soxr.ResampleStream(self._rate, self.sampling_rate, 1, dtype="float32")
         return np.asarray(self._resampler.resample_chunk(samples, last=last), dtype=np.float32)
 
-    def _frames_of(self, samples: np.ndarray, final: bool) -> torch.Tensor:
+    def _frames_of(self, samples: np.ndarray, final: bool, pad_partial: bool = False) -> torch.Tensor:
         self._pending = np.concatenate([self._pending, samples])
-        if final and self._pending.size % self.frame_samples:
+        partial = final and self._pending.size % self.frame_samples > 0
+        if partial:  # zeros up to a whole frame, as SNAC pads a one-shot encode
             pad = self.frame_samples - self._pending.size % self.frame_samples
             self._pending = np.concatenate([self._pending, np.zeros(pad, dtype=np.float32)])
         whole = self._pending.size // self.frame_samples * self.frame_samples
         frames = torch.from_numpy(self._pending[:whole].copy()).view(-1, self.frame_samples)
         self._pending = self._pending[whole:]
         if self.listen_input == LISTEN_FEATURES:
-            if frames.shape[0] == 0:
-                return torch.zeros(0, self.feature_dim)
-            return self._stack_context(self._log_mel(frames))
-        self._audio = torch.cat([self._audio, frames.reshape(-1)])
-        return self._encode_ready(final)
+            out = self._stack_context(self._log_mel(frames)) if frames.shape[0] else torch.zeros(0, self.feature_dim)
+        else:
+            self._audio = torch.cat([self._audio, frames.reshape(-1)])
+            out = self._encode_ready(final)
+        return out[:-1] if partial and not pad_partial else out
 
     def feed(self, chunk: Any, sampling_rate: int) -> torch.Tensor:
         """Take a chunk (1-D, or 2-D (samples, channels); float or int16) at ``sampling_rate``; return new frames."""
@@ -244,8 +262,13 @@ class MiniOmni2ListenFrontEnd:
         with torch.no_grad():
             return self._frames_of(self._resample(_as_mono_float(chunk), last=False), final=False)
 
-    def flush(self) -> torch.Tensor:
-        """End the stream: the remaining frames (the last partial one zero-padded, the codec's lookahead released)."""
+    def flush(self, pad_partial: bool = False) -> torch.Tensor:
+        """End the stream: the remaining frames (the codec's lookahead frames are released).
+
+        A last partial frame is dropped (its samples still serve as the codec's right context, zero-padded as in a
+        one-shot SNAC encode), unless ``pad_partial``: then it is a frame of its own, zero-padded. Dropping it is the
+        default because a frame that ends in digital silence is unlike any frame of a live stream.
+        """
         if self._flushed:
             raise ValueError("this stream was already flushed; call reset() to start a new one")
         tail = np.zeros(0, dtype=np.float32)
@@ -253,20 +276,21 @@ class MiniOmni2ListenFrontEnd:
             tail = self._resample(tail, last=True)
         self._flushed = True
         with torch.no_grad():
-            return self._frames_of(tail, final=True)
+            return self._frames_of(tail, final=True, pad_partial=pad_partial)
 
-    def frames(self, audio: Any, sampling_rate: int) -> torch.Tensor:
+    def frames(self, audio: Any, sampling_rate: int, pad_partial: bool = False) -> torch.Tensor:
         """All frames of a whole signal (a fresh stream: ``reset``, ``feed``, ``flush``); the stream is left reset."""
         self.reset()
-        frames = torch.cat([self.feed(audio, sampling_rate), self.flush()])
+        frames = torch.cat([self.feed(audio, sampling_rate), self.flush(pad_partial)])
         self.reset()
         return frames
 
-    def num_frames(self, num_samples: int, sampling_rate: int) -> int:
-        """Frames a whole signal of ``num_samples`` at ``sampling_rate`` gives (its length at the codec's rate, rounded
-        up to whole frames; the resampler gives ``ceil(num_samples * rate / sampling_rate)`` samples)."""
+    def num_frames(self, num_samples: int, sampling_rate: int, pad_partial: bool = False) -> int:
+        """Frames a whole signal of ``num_samples`` at ``sampling_rate`` gives: its length at the codec's rate
+        (``ceil(num_samples * rate / sampling_rate)`` samples out of the resampler) in whole frames."""
         resampled = math.ceil(num_samples * self.sampling_rate / sampling_rate)
-        return math.ceil(resampled / self.frame_samples)
+        whole = resampled // self.frame_samples
+        return whole + int(pad_partial and resampled % self.frame_samples > 0)
 
     @property
     def frame_seconds(self) -> float:

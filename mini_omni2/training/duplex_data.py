@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..token_layout import LISTEN_TASK
+from ..token_layout import LISTEN_FEATURES, LISTEN_TASK
 
 #: Rate of the synthetic clips (a microphone's); the front end resamples them to the codec's rate.
 CLIP_SAMPLING_RATE = 16000
@@ -54,8 +54,12 @@ VARIANTS = {
         "robert", "steph2", "travis",
     ),
 }
-#: Background kinds per split: the test split's are never heard in training.
-KINDS = {"train": ("white", "brown", "tones", "speech"), "test": ("pink", "chords", "babble")}
+#: Background kinds per split. Noise and music: the test split's (pink noise, chords) are never heard in training;
+#: speech (one talker) and babble (3-6 talkers) occur in both, with each split's own voices and words.
+KINDS = {
+    "train": ("white", "brown", "tones", "speech", "babble"),
+    "test": ("pink", "chords", "speech", "babble"),
+}
 SPEECH_KINDS = ("speech", "babble")
 
 _WORDS = """
@@ -103,25 +107,25 @@ def split_voices(split: str) -> list[str]:
     return [f"{accent}+{variant}" for accent in ACCENTS[split] for variant in VARIANTS[split]]
 
 
-@lru_cache(maxsize=512)
-def _speak_cached(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
+@lru_cache(maxsize=4096)
+def speak(text: str, voice: str, speed: int = 175, pitch: int = 50) -> np.ndarray:
+    """``text`` said by espeak-ng ``voice`` at ``speed`` (words/min) and ``pitch`` (0-99), trimmed, at 16 kHz.
+
+    Cached (the same arguments give the same, read-only array)."""
     import soundfile
     import soxr
 
     result = subprocess.run(
-        [_espeak(), "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
+        [_espeak(), "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
         check=True,
         capture_output=True,
     )
     data, rate = soundfile.read(io.BytesIO(result.stdout), dtype="float32")
-    return np.asarray(soxr.resample(data, rate, CLIP_SAMPLING_RATE), dtype=np.float32)
-
-
-def speak(text: str, voice: str, speed: int = 175, pitch: int = 50) -> np.ndarray:
-    """``text`` said by espeak-ng ``voice`` at ``speed`` (words/min) and ``pitch`` (0-99), trimmed, at 16 kHz."""
-    audio = _speak_cached(text, voice, int(speed), int(pitch))
+    audio = np.asarray(soxr.resample(data, rate, CLIP_SAMPLING_RATE), dtype=np.float32)
     start, end = _speech_bounds(audio)
-    return audio[start:end].copy()
+    audio = audio[start:end].copy()
+    audio.flags.writeable = False
+    return audio
 
 
 def _speech_bounds(audio: np.ndarray, frame: int = 160, threshold_db: float = -40.0) -> tuple[int, int]:
@@ -172,14 +176,27 @@ def _music(rng: np.random.Generator, n: int, chords: bool) -> np.ndarray:
     return out
 
 
-def _talker(rng: np.random.Generator, n: int, split: str, voices: Sequence[str]) -> np.ndarray:
-    """One voice saying random sentences of the split's words, with short pauses, for ``n`` samples."""
+#: Utterances per split, drawn from fixed pools so that espeak-ng runs once per utterance (cached) and every clip is a
+#: fresh mix: background speech (random sentences of the split's words) and each command / near-miss phrase, each
+#: utterance by a random voice of the split at a random speed and pitch.
+SPEECH_POOL_SIZE = {"train": 600, "test": 200}
+PHRASE_POOL_SIZE = {"train": 300, "test": 100}
+
+
+def _pool_utterance(split: str, entry: int, phrase: str | None = None) -> tuple[np.ndarray, str]:
+    """Pool entry ``entry`` of the split's background sentences (``phrase`` None) or of ``phrase``; and its voice."""
+    rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{phrase or ''}".encode()), entry])
+    voices = split_voices(split)
+    text = phrase if phrase else " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
     voice = voices[rng.integers(len(voices))]
-    speed, pitch = int(rng.integers(130, 221)), int(rng.integers(20, 81))
+    return speak(text, voice, int(rng.integers(130, 221)), int(rng.integers(20, 81))), voice
+
+
+def _talker(rng: np.random.Generator, n: int, split: str) -> np.ndarray:
+    """One talker's turn of ``n`` samples: utterances of the split's pool with short pauses, from a random offset."""
     pieces, total = [], 0
     while total < n:
-        sentence = " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
-        speech = speak(sentence, voice, speed, pitch)
+        speech, _ = _pool_utterance(split, int(rng.integers(SPEECH_POOL_SIZE[split])))
         pause = np.zeros(int(CLIP_SAMPLING_RATE * rng.uniform(0.05, 0.6)), dtype=np.float32)
         pieces += [speech, pause]
         total += len(speech) + len(pause)
@@ -188,22 +205,39 @@ def _talker(rng: np.random.Generator, n: int, split: str, voices: Sequence[str])
     return audio[start : start + n]
 
 
-def background(kind: str, n: int, rng: np.random.Generator, split: str, voices: Sequence[str]) -> np.ndarray:
+def background(kind: str, n: int, rng: np.random.Generator, split: str) -> np.ndarray:
     """``n`` samples of a background of ``kind`` (one of :data:`KINDS`), at unit RMS."""
     if kind in ("white", "pink", "brown"):
         audio = _coloured_noise(rng, n, {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind])
     elif kind in ("tones", "chords"):
         audio = _music(rng, n, chords=kind == "chords")
     elif kind == "speech":
-        audio = _talker(rng, n, split, voices)
+        audio = _talker(rng, n, split)
     elif kind == "babble":
-        audio = sum(_talker(rng, n, split, voices) for _ in range(int(rng.integers(3, 7))))
+        audio = sum(_talker(rng, n, split) for _ in range(int(rng.integers(3, 7))))
     else:
         raise ValueError(f"unknown background kind {kind!r}; known: {sorted(k for ks in KINDS.values() for k in ks)}")
     return (audio / _rms(audio)).astype(np.float32)
 
 
 # ----- clips -------------------------------------------------------------------------------------------------------
+def perturb(utterance: np.ndarray, rng: np.random.Generator, speed: tuple[float, float]) -> np.ndarray:
+    """Every clip's own version of a pooled utterance: played ``speed`` times faster (tempo and pitch, as a tape;
+    resampled with soxr) through a random first-order spectral tilt (a microphone's colour)."""
+    import soxr
+    from scipy.signal import lfilter
+
+    factor = float(rng.uniform(*speed))
+    audio = np.asarray(soxr.resample(utterance, CLIP_SAMPLING_RATE, CLIP_SAMPLING_RATE / factor), dtype=np.float32)
+    tilt = float(rng.uniform(-0.7, 0.7))  # > 0 brightens (pre-emphasis), < 0 darkens (one-pole low-pass)
+    if tilt >= 0:
+        audio = lfilter([1.0, -tilt], [1.0], audio)
+    else:
+        audio = lfilter([1.0 + tilt], [1.0, tilt], audio)
+    return np.asarray(audio, dtype=np.float32)
+
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -218,7 +252,8 @@ def make_clip(
     lead_seconds: tuple[float, float] = (1.0, 8.0),
     tail_seconds: tuple[float, float] = (0.0, 10.0),
     negative_seconds: tuple[float, float] = (3.0, 15.0),
-    snr_db: tuple[float, float] = (0.0, 20.0),
+    snr_db: tuple[float, float] = (5.0, 20.0),
+    speed_perturbation: tuple[float, float] = (0.85, 1.15),
     level_db: tuple[float, float] = (-35.0, -15.0),
     kinds: Sequence[str] | None = None,
 ) -> dict:
@@ -235,7 +270,6 @@ def make_clip(
         raise ValueError("positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1")
     kinds = tuple(kinds) if kinds is not None else KINDS[split]
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
-    voices = split_voices(split)
     draw = rng.random()
     positive = draw < positive_fraction
     spoken = ""
@@ -244,10 +278,11 @@ def make_clip(
     elif draw < positive_fraction + near_miss_fraction:
         spoken = NEAR_MISSES[rng.integers(len(NEAR_MISSES))]
     kind = kinds[rng.integers(len(kinds))]
-    voice = voices[rng.integers(len(voices))]
-    utterance = (
-        speak(spoken, voice, int(rng.integers(130, 221)), int(rng.integers(20, 81))) if spoken else np.zeros(0, np.float32)
-    )
+    voice = ""
+    utterance = np.zeros(0, np.float32)
+    if spoken:
+        utterance, voice = _pool_utterance(split, int(rng.integers(PHRASE_POOL_SIZE[split])), spoken)
+        utterance = perturb(utterance, rng, speed_perturbation)
     rate = CLIP_SAMPLING_RATE
     if positive:
         lead = int(rate * rng.uniform(*lead_seconds))
@@ -255,11 +290,12 @@ def make_clip(
     else:
         total = max(int(rate * rng.uniform(*negative_seconds)), len(utterance) + rate)
         lead = int(rng.integers(0, total - len(utterance) + 1))
-    audio = background(kind, total, rng, split, voices)
+    audio = background(kind, total, rng, split)
+    snr, level = float(rng.uniform(*snr_db)), float(rng.uniform(*level_db))
     if spoken:
-        gain = 10 ** (rng.uniform(*snr_db) / 20) / _rms(utterance)  # the background has unit RMS
+        gain = 10 ** (snr / 20) / _rms(utterance)  # the background has unit RMS
         audio[lead : lead + len(utterance)] += gain * utterance
-    audio *= 10 ** (rng.uniform(*level_db) / 20) / _rms(audio)
+    audio *= 10 ** (level / 20) / _rms(audio)
     peak = float(np.abs(audio).max())
     if peak > 0.99:
         audio *= 0.99 / peak
@@ -275,6 +311,8 @@ def make_clip(
         "spoken_end": (lead + len(utterance)) / rate if spoken else -1.0,
         "kind": kind,
         "voice": voice,
+        "snr_db": snr if spoken else float("nan"),
+        "level_db": level,
     }
 
 
@@ -299,26 +337,20 @@ def frame_labels(num_frames: int, command_end: float, frame_seconds: float) -> n
 
 
 def listen_inputs(example: dict, front_end) -> dict:
-    """An example's listening frames through ``front_end`` and their labels: ``listen_features`` (T, D) or
-    ``listen_codes`` (T, 7) (the other one empty) and ``frame_labels`` (T,)."""
-    from ..token_layout import LISTEN_FEATURES
-
+    """An example's listening frames through ``front_end`` and their labels: ``listen_features`` (T, D) for the
+    features input or ``listen_codes`` (T, 7) for the codec input, and ``frame_labels`` (T,)."""
     frames = front_end.frames(np.asarray(example["audio"], dtype=np.float32), int(example["sampling_rate"]))
     labels = frame_labels(frames.shape[0], float(example["command_end"]), front_end.frame_seconds)
-    features = frames.numpy().astype(np.float32) if front_end.listen_input == LISTEN_FEATURES else None
-    codes = frames.numpy().astype(np.int64) if features is None else None
-    return {
-        "task": LISTEN_TASK,
-        "listen_features": features if features is not None else np.zeros((0, 0), dtype=np.float32),
-        "listen_codes": codes if codes is not None else np.zeros((0, 7), dtype=np.int64),
-        "frame_labels": labels,
-    }
+    if front_end.listen_input == LISTEN_FEATURES:
+        return {"task": LISTEN_TASK, "listen_features": frames.numpy().astype(np.float32), "frame_labels": labels}
+    return {"task": LISTEN_TASK, "listen_codes": frames.numpy().astype(np.int64), "frame_labels": labels}
 
 
 class DuplexPreprocessor:
     """A batched ``.map`` function: clips -> listening inputs through the model's front end, and frame labels.
 
-    ``dataset.map(DuplexPreprocessor(model.listen_front_end()), batched=True, remove_columns=["audio"])``.
+    ``dataset.map(DuplexPreprocessor(model.listen_front_end()), batched=True, remove_columns=["audio"])``; read the
+    result with ``.with_format("numpy")`` (the feature arrays are large for Python lists).
     """
 
     def __init__(self, front_end):
@@ -327,7 +359,7 @@ class DuplexPreprocessor:
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         size = len(batch["audio"])
         rows = [listen_inputs({k: v[i] for k, v in batch.items()}, self.front_end) for i in range(size)]
-        return {name: [row[name] for row in rows] for name in ("task", "listen_features", "listen_codes", "frame_labels")}
+        return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
 
 __all__ = [
