@@ -430,3 +430,42 @@ def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
         assert row["listen_input"] == model.config.listen_input
         assert row["steps_per_s_without"] > 0 and row["steps_per_s_with_listening_row"] > 0
         assert row["front_end_ms_per_frame"] > 0 and abs(row["realtime_steps_per_s"] - 24000 / 2048) < 1e-9
+
+
+REMOTE_LISTENER = '''
+import sys, json
+class BlockMiniOmni2:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mini_omni2" or name.startswith("mini_omni2."):
+            raise ImportError("mini_omni2 is not installed here")
+sys.meta_path.insert(0, BlockMiniOmni2())
+import numpy as np, torch
+from transformers import AutoModelForMultimodalLM
+model = AutoModelForMultimodalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+front_end = model.listen_front_end()
+t = np.arange(16000) / 16000
+frames = front_end.frames((0.1 * np.sin(2 * np.pi * 440 * t)).astype("float32"), 16000)
+listener = sys.modules[type(front_end).__module__].MiniOmni2Listener(model)
+print(json.dumps({"module": type(front_end).__module__, "p": listener.run(frames[None]).tolist()}))
+'''
+
+
+def test_the_listening_row_runs_from_remote_code(features_model, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    features_model.save_pretrained(tmp_path / "model")
+    script = tmp_path / "listen.py"
+    script.write_text(REMOTE_LISTENER)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "model")], cwd=tmp_path, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules")
+    t = np.arange(16000) / 16000
+    frames = features_model.listen_front_end().frames((0.1 * np.sin(2 * np.pi * 440 * t)).astype("float32"), 16000)
+    expected = MiniOmni2Listener(features_model).run(frames[None])
+    assert torch.allclose(torch.tensor(report["p"]), expected, atol=1e-5)

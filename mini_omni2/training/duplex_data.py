@@ -9,7 +9,8 @@ command, or a near miss ("stop", "omni", "stop on me", "top omni") in its place.
 Clips are made at 16 kHz (a microphone's rate); the model hears them through the listening front end
 (:class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`), which resamples them exactly as it does a live
 stream. Everything is deterministic given ``(seed, split, index)``. Splits: ``"train"``, and ``"test"`` whose voices
-(espeak-ng accents *and* variants), background words and noise kinds never occur in ``"train"``.
+(espeak-ng accents *and* variants), background words and two noise kinds (pink noise, chords) never occur in
+``"train"``.
 
 ``datasets.Dataset.from_generator(duplex_generator, gen_kwargs=dict(split="train", num_examples=1000, seed=0))``
 builds a dataset; :class:`DuplexPreprocessor` maps it to listening inputs and frame labels for the collator.
@@ -22,7 +23,7 @@ import shutil
 import subprocess
 import zlib
 from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -237,7 +238,6 @@ def perturb(utterance: np.ndarray, rng: np.random.Generator, speed: tuple[float,
     return np.asarray(audio, dtype=np.float32)
 
 
-
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -261,7 +261,8 @@ def make_clip(
 
     A positive is ``lead_seconds`` of background, the command ("stop omni" in a random voice at ``snr_db`` over the
     background), then ``tail_seconds`` of background; a negative is ``negative_seconds`` of background, with a near
-    miss in place of the command for ``near_miss_fraction`` of all clips. The mix is scaled to an RMS of
+    miss in place of the command for ``near_miss_fraction`` of all clips. The phrase is an utterance of the split's
+    pool made the clip's own by :func:`perturb` (``speed_perturbation``). The mix is scaled to an RMS of
     ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz), ``command_start`` /
     ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
     """
