@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import field
 from typing import Any
 
@@ -9,7 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
-from .token_layout import TokenLayout
+from .token_layout import LISTEN_CODEC, LISTEN_FEATURES, LISTEN_INPUTS, TokenLayout
 
 logger = logging.get_logger(__name__)
 
@@ -75,6 +76,18 @@ SNAC_24KHZ = dict(
     depthwise=True,
 )
 
+#: (extension) The listening row's audio features (docs/duplex.md): causal log-mel columns of each codec frame of the
+#: incoming audio (at the codec's rate), ``context_frames`` frames stacked into one vector for the listening adapter.
+LISTEN_FEATURES_DEFAULT = dict(
+    num_mel_bins=64,
+    n_fft=1024,
+    hop_length=256,
+    f_min=0.0,
+    f_max=8000.0,
+    context_frames=1,
+    running_mean_seconds=2.0,
+)
+
 
 class MiniOmni2Config(PreTrainedConfig):
     r"""
@@ -92,6 +105,10 @@ class MiniOmni2Config(PreTrainedConfig):
         num_audio_layers (`int`): parallel audio streams (7).
         num_image_tokens (`int`): CLIP tokens per image (50).
         adapter_intermediate_size (`int`): width of the LLaMA-MLP adapters (4,864).
+        listen_input (`str`): (extension) what the duplex listening row hears: `"codec"` (the codec's tokens of the
+            incoming audio, the paper's way; no extra weights) or `"features"` (log-mel frames through a
+            `listen_projector` adapter). See docs/duplex.md.
+        listen_feature_config (`dict`): the log-mel front end of `listen_input="features"`.
 
     Example:
 
@@ -123,6 +140,8 @@ class MiniOmni2Config(PreTrainedConfig):
     num_audio_layers: int = 7
     num_image_tokens: int = 50
     adapter_intermediate_size: int = 4864
+    listen_input: str = LISTEN_CODEC
+    listen_feature_config: dict | None = field(default_factory=lambda: dict(LISTEN_FEATURES_DEFAULT))
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -140,6 +159,27 @@ class MiniOmni2Config(PreTrainedConfig):
             )
         if self.codec_config is not None and len(self.codec_config.get("vq_strides", [4, 2, 1])) != 3:
             raise ValueError("the codec must have the 3 SNAC levels that the 7 audio layers map onto")
+        self._check_listen()
+
+    def _check_listen(self) -> None:
+        if self.listen_input not in LISTEN_INPUTS:
+            raise ValueError(f"listen_input must be one of {LISTEN_INPUTS}, got {self.listen_input!r}")
+        self.listen_feature_config = {**LISTEN_FEATURES_DEFAULT, **(self.listen_feature_config or {})}
+        unknown = set(self.listen_feature_config) - set(LISTEN_FEATURES_DEFAULT)
+        if unknown:
+            raise ValueError(f"unknown listen_feature_config keys {sorted(unknown)}; known: {sorted(LISTEN_FEATURES_DEFAULT)}")
+        features = self.listen_feature_config
+        if self.listen_frame_samples % features["hop_length"] or features["n_fft"] < features["hop_length"]:
+            raise ValueError(
+                f"listen_feature_config: hop_length ({features['hop_length']}) must divide the frame "
+                f"({self.listen_frame_samples} samples) and be <= n_fft ({features['n_fft']})"
+            )
+        if not 0 <= features["f_min"] < features["f_max"] <= self.listen_sampling_rate / 2:
+            raise ValueError(f"listen_feature_config: need 0 <= f_min < f_max <= {self.listen_sampling_rate / 2}")
+        if features["context_frames"] < 1 or features["num_mel_bins"] < 1:
+            raise ValueError("listen_feature_config: context_frames and num_mel_bins must be >= 1")
+        if self.listen_input == LISTEN_CODEC and self.codec_config is None:
+            logger.info("listen_input='codec' needs a codec to encode the incoming audio; this config builds none")
 
     @property
     def token_layout(self) -> TokenLayout:
@@ -164,6 +204,26 @@ class MiniOmni2Config(PreTrainedConfig):
     @property
     def has_vision(self) -> bool:
         return self.vision_config is not None
+
+    @property
+    def listen_sampling_rate(self) -> int:
+        """Rate of the incoming audio the listening row hears: the codec's (24 kHz), also for feature input."""
+        return int((self.codec_config or SNAC_24KHZ)["sampling_rate"])
+
+    @property
+    def listen_frame_samples(self) -> int:
+        """Samples of one listening frame = one codec frame = one decoding step (2,048 at 24 kHz, 85.3 ms)."""
+        codec = self.codec_config or SNAC_24KHZ
+        return int(math.prod(codec["encoder_rates"])) * int(codec["vq_strides"][0])
+
+    @property
+    def listen_feature_dim(self) -> int | None:
+        """Width of one frame's feature vector entering the listening adapter; None for codec input."""
+        if self.listen_input != LISTEN_FEATURES:
+            return None
+        features = self.listen_feature_config
+        columns = self.listen_frame_samples // features["hop_length"]
+        return features["num_mel_bins"] * columns * features["context_frames"]
 
     @property
     def max_audio_frames(self) -> int:

@@ -18,6 +18,7 @@ from transformers.models.clip.modeling_clip import CLIPVisionModelWithProjection
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .configuration_mini_omni2 import MiniOmni2Config
+from .duplex_mini_omni2 import MiniOmni2ListenFrontEnd
 from .generation_mini_omni2 import MiniOmni2GenerationMixin
 from .token_layout import TokenLayout
 
@@ -225,6 +226,12 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         else:
             self.vision_tower = None
             self.vision_projector = None
+        # (extension, docs/duplex.md) the listening row's audio features replace its audio-stream embeddings
+        self.listen_projector = (
+            MiniOmni2Adapter(config.listen_feature_dim, config.adapter_intermediate_size, hidden)
+            if config.listen_feature_dim is not None
+            else None
+        )
         self.post_init()
 
     @property
@@ -306,7 +313,8 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         self, input_ids: torch.Tensor, audio_feature_mask: torch.Tensor | None, image_feature_mask: torch.Tensor | None
     ) -> None:
         """A prompt that starts an audio or image input (``input_a`` or ``image`` then ``pad_a`` on the first audio
-        stream, SPEC §4) must come with its feature positions: without them the model would not hear or see."""
+        stream, SPEC §4) must come with its feature positions: without them the model would not hear or see. A
+        listening row (its prompt's text is ``n_irq``) hears its own frames instead."""
         if input_ids.shape[-1] < 2:  # a decoding step: no prompt
             return
         layout = self.layout
@@ -317,6 +325,8 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         marker = first_layer[rows, starts]
         follows = first_layer[rows, (starts + 1).clamp(max=first_layer.shape[1] - 1)]
         opens = (follows == pad) & (starts + 1 < first_layer.shape[1])
+        listening = input_ids[rows, layout.text_stream, starts] == layout.n_irq  # a listening row (docs/duplex.md)
+        opens &= ~listening
         for kind, token, mask in (
             ("audio", layout.input_a, audio_feature_mask),
             ("image", layout.image, image_feature_mask),
@@ -339,8 +349,14 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         audio_feature_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_feature_mask: torch.Tensor | None = None,
+        listen_features: torch.Tensor | None = None,
+        listen_feature_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Input embeddings (batch, seq, hidden): the mean of the 8 stream embeddings, features placed (SPEC §3)."""
+        """Input embeddings (batch, seq, hidden): the mean of the 8 stream embeddings, features placed (SPEC §3).
+
+        ``listen_features`` (batch, seq, listen_feature_dim) go through ``listen_projector`` at the positions of
+        ``listen_feature_mask`` (batch, seq): the listening row's frames (extension, docs/duplex.md).
+        """
         layout = self.layout
         if input_ids.ndim != 3 or input_ids.shape[1] != layout.num_streams:
             raise ValueError(f"input_ids must have shape (batch, {layout.num_streams}, seq), got {tuple(input_ids.shape)}")
@@ -361,8 +377,39 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
             audio_embeds = self._place_features(
                 audio_embeds, features, image_feature_mask.bool(), "image", layout.num_image_tokens
             )
+        if listen_features is not None or listen_feature_mask is not None:
+            audio_embeds = self._place_listen_features(audio_embeds, listen_features, listen_feature_mask)
         text_embeds = embeds[:, layout.text_stream :]
         return torch.cat([audio_embeds, text_embeds], dim=1).mean(dim=1)
+
+    def _place_listen_features(
+        self, audio_embeds: torch.Tensor, features: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The listening adapter's output of ``features`` (batch, seq, dim) replaces the 7 audio-stream embeddings
+        (batch, 7, seq, hidden) at ``mask`` (batch, seq)."""
+        if self.listen_projector is None:
+            raise ValueError(
+                f"this model's listening row hears {self.config.listen_input!r}, not features: it has no listen_projector"
+            )
+        if features is None or mask is None:
+            raise ValueError("listen_features and listen_feature_mask must be given together")
+        batch, seq = audio_embeds.shape[0], audio_embeds.shape[2]
+        dim = self.config.listen_feature_dim
+        if features.shape != (batch, seq, dim) or mask.shape != (batch, seq):
+            raise ValueError(
+                f"listen_features must have shape ({batch}, {seq}, {dim}) and listen_feature_mask ({batch}, {seq}), "
+                f"got {tuple(features.shape)} and {tuple(mask.shape)}"
+            )
+        mask = mask.bool()
+        projected = self.listen_projector(features[mask].to(self.listen_projector.fc_1.weight.dtype))
+        placed = audio_embeds.new_zeros(batch, seq, audio_embeds.shape[3]).masked_scatter(
+            mask[..., None], projected.to(audio_embeds.dtype)
+        )
+        return torch.where(mask[:, None, :, None], placed[:, None], audio_embeds)
+
+    def listen_front_end(self, codec=None, **kwargs) -> MiniOmni2ListenFrontEnd:
+        """A streaming front end for this model's listening row (``codec``: the model's, for codec input)."""
+        return MiniOmni2ListenFrontEnd.from_config(self.config, codec=codec, **kwargs)
 
     def forward(
         self,
@@ -377,6 +424,8 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         image_feature_mask: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        listen_features: torch.Tensor | None = None,
+        listen_feature_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MiniOmni2ModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -385,7 +434,10 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
             if not torch.equal(audio_lengths.to(audio_feature_mask.device).long(), audio_feature_mask.sum(1)[audio_feature_mask.any(1)]):
                 raise ValueError("audio_lengths disagree with the number of audio positions per row")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, input_features, audio_feature_mask, pixel_values, image_feature_mask)
+            inputs_embeds = self.embed(
+                input_ids, input_features, audio_feature_mask, pixel_values, image_feature_mask,
+                listen_features, listen_feature_mask,
+            )
         if position_ids is None and attention_mask is not None:
             position_ids = positions_from_attention_mask(attention_mask, inputs_embeds.shape[1])
         outputs = self.language_model(
@@ -514,6 +566,10 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
 
+    def listen_front_end(self, **kwargs) -> MiniOmni2ListenFrontEnd:
+        """A streaming front end for the listening row (extension, docs/duplex.md), with this model's codec."""
+        return self.model.listen_front_end(codec=self.codec, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -531,6 +587,8 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         logits_to_keep: int = 0,
         text_logits_rows: torch.LongTensor | None = None,
         audio_logits_rows: torch.LongTensor | None = None,
+        listen_features: torch.Tensor | None = None,
+        listen_feature_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MiniOmni2CausalLMOutputWithPast:
         r"""
@@ -539,6 +597,8 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         audio_feature_mask (`torch.BoolTensor` of shape `(batch, seq)`): positions that take audio frames.
         pixel_values (`torch.FloatTensor` of shape `(n_images, 3, 224, 224)`): each image, in row order.
         image_feature_mask (`torch.BoolTensor` of shape `(batch, seq)`): positions that take the 50 CLIP tokens.
+        listen_features (`torch.FloatTensor` of shape `(batch, seq, listen_feature_dim)`): (extension) the listening
+            row's audio features at the positions of `listen_feature_mask` (`(batch, seq)`), docs/duplex.md.
         labels (`torch.LongTensor` of shape `(batch, 8, seq)`): targets in input-id space, -100 ignored.
         text_logits_rows, audio_logits_rows (`torch.LongTensor` of shape `(n,)`): the sliced head used by the decoding
             engine: when either is given, only the text columns of the rows `text_logits_rows` and the audio columns
@@ -559,6 +619,8 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
             image_feature_mask=image_feature_mask,
             audio_lengths=audio_lengths,
             use_cache=use_cache,
+            listen_features=listen_features,
+            listen_feature_mask=listen_feature_mask,
             **kwargs,
         )
         hidden = outputs.last_hidden_state

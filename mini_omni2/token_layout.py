@@ -14,7 +14,7 @@ import torch
 
 # Offsets of the specials inside their blocks (SPEC §2). Text specials follow the tokenizer vocabulary,
 # audio specials follow the 4096 codec codes of every layer.
-TEXT_SPECIAL_OFFSETS = {"eot": 0, "pad_t": 1, "input_t": 2, "answer_t": 3, "asr": 4}
+TEXT_SPECIAL_OFFSETS = {"eot": 0, "pad_t": 1, "input_t": 2, "answer_t": 3, "asr": 4, "irq": 5, "n_irq": 6}
 AUDIO_SPECIAL_OFFSETS = {
     "eoa": 0,
     "pad_a": 1,
@@ -46,6 +46,13 @@ TASKS: dict[str, tuple[frozenset[str], str]] = {
     "VT1T2": (frozenset({"image", "text"}), OUTPUT_TEXT),
 }
 
+#: (extension) The listening row of duplex interruption (docs/duplex.md): its task name in training examples, and
+#: what its 7 audio streams hear: the codec's tokens of the incoming audio (the paper's way) or audio features
+#: placed through the listening adapter (``pad_a`` placeholders on the audio streams, as for Whisper frames).
+LISTEN_TASK = "LISTEN"
+LISTEN_CODEC, LISTEN_FEATURES = "codec", "features"
+LISTEN_INPUTS = (LISTEN_CODEC, LISTEN_FEATURES)
+
 #: SNAC level of each audio layer, in frame order (SPEC §7): level 0 <- L0; level 1 <- L1, L4; level 2 <- L2, L3, L5, L6.
 SNAC_LEVEL_OF_LAYER = (0, 1, 2, 2, 1, 2, 2)
 
@@ -69,6 +76,7 @@ class PromptLayout:
     streams: list[list[int]]
     audio_positions: list[int] = field(default_factory=list)
     image_positions: list[int] = field(default_factory=list)
+    listen_positions: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.streams[0])
@@ -149,6 +157,16 @@ class TokenLayout:
     @property
     def asr(self) -> int:
         return self.text_special("asr")
+
+    @property
+    def irq(self) -> int:
+        """(extension) Listening row state: the user interrupts; stop speaking."""
+        return self.text_special("irq")
+
+    @property
+    def n_irq(self) -> int:
+        """(extension) Listening row state: no interruption; go on speaking."""
+        return self.text_special("n_irq")
 
     @property
     def eoa(self) -> int:
@@ -282,6 +300,71 @@ class TokenLayout:
         audio.append(self.answer_a if output == OUTPUT_SPEECH else pad_a)
         text.append(self.asr if output == OUTPUT_ASR else self.answer_t)
         return PromptLayout(self._audio_fill(audio) + [text], audio_positions, image_positions)
+
+    # ----- the listening row of duplex interruption (extension, docs/duplex.md) ------------------------------
+    def build_listen_prompt(self) -> PromptLayout:
+        """The listening row's prompt: one position, ``input_a`` on the 7 audio streams over ``n_irq`` (its state)."""
+        return PromptLayout(self._audio_fill([self.input_a]) + [[self.n_irq]])
+
+    def listen_step(self, frame: Sequence[int] | torch.Tensor | None = None, state: int | None = None) -> list[int]:
+        """The 8 global ids of one listening step: one frame of incoming audio and the row's state.
+
+        Audio stream i holds ``layershift(frame[i], i)`` for codec input (``frame``: the frame's 7 local codes,
+        SPEC §7 order) or ``pad_a`` for feature input (``frame=None``: the listening adapter's output replaces the
+        7 audio-stream embeddings, as Whisper frames do in a prompt). The text stream carries the row's state,
+        ``n_irq`` unless given: the row ends at the first ``irq`` it commits to, so it is fed ``n_irq`` throughout.
+        """
+        state = self.n_irq if state is None else int(state)
+        if state not in (self.irq, self.n_irq):
+            raise ValueError(f"the listening row's state must be irq ({self.irq}) or n_irq ({self.n_irq}), got {state}")
+        if frame is None:
+            local = [self.pad_a] * self.num_audio_layers
+        else:
+            local = [int(c) for c in (frame.tolist() if isinstance(frame, torch.Tensor) else frame)]
+            if len(local) != self.num_audio_layers or not all(0 <= c < self.audio_codebook_size for c in local):
+                raise ValueError(
+                    f"a listening frame must hold {self.num_audio_layers} codec codes in [0, {self.audio_codebook_size}),"
+                    f" got {local}"
+                )
+        return [self.layershift(c, i) for i, c in enumerate(local)] + [state]
+
+    def build_listen_row(self, num_frames: int | None = None, frames: torch.Tensor | None = None) -> PromptLayout:
+        """A whole listening row: the prompt, then one :meth:`listen_step` per frame (all fed ``n_irq``).
+
+        Give ``frames`` (T, 7) of codec codes for codec input, or ``num_frames`` for feature input (the frames' feature
+        vectors go to ``listen_positions`` 1..T). The state of frame k is read from the logits at position k + 1.
+        """
+        if (num_frames is None) == (frames is None):
+            raise ValueError("give exactly one of num_frames (feature input) or frames (codec input, shape (T, 7))")
+        prompt = self.build_listen_prompt()
+        if frames is not None:
+            frames = torch.as_tensor(frames, dtype=torch.long)
+            if frames.ndim != 2 or frames.shape[1] != self.num_audio_layers:
+                raise ValueError(f"frames must have shape (T, {self.num_audio_layers}), got {tuple(frames.shape)}")
+            steps = [self.listen_step(frame) for frame in frames]
+            positions: list[int] = []
+        else:
+            if num_frames < 0:
+                raise ValueError(f"num_frames must be >= 0, got {num_frames}")
+            steps = [self.listen_step(None)] * num_frames
+            positions = list(range(len(prompt), len(prompt) + num_frames))
+        streams = [row + [step[s] for step in steps] for s, row in enumerate(prompt.streams)]
+        return PromptLayout(streams, listen_positions=positions)
+
+    def listen_irq_probability(self, text_logits: torch.Tensor) -> torch.Tensor:
+        """P(``irq``) from text logits (..., text_vocab), restricted to the two states: (...,)."""
+        pair = text_logits[..., [self.n_irq, self.irq]].float()
+        return pair.softmax(dim=-1)[..., 1]
+
+    def read_listen_state(self, text_logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+        """The listening row's state from its text logits: ``irq`` where P(irq | irq or n_irq) >= ``threshold``.
+
+        With the default 0.5 this is the argmax over the two states. Returns global ids, shape (...,).
+        """
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        irq = self.listen_irq_probability(text_logits) >= threshold
+        return torch.where(irq, self.irq, self.n_irq)
 
     def text_output_task(self, task: str) -> str:
         """The text-out twin of a speech-out task: the second row of batch parallel decoding (SPEC §6)."""

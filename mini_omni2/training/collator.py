@@ -5,6 +5,8 @@
   the prompt of :meth:`TokenLayout.build_prompt` followed by the answer streams of
   :meth:`TokenLayout.delay_answer`; labels are the same ids where the answer is learned and -100 elsewhere, so
   that the targets are exactly what delayed parallel decoding (SPEC §6) generates and feeds back.
+- Listening rows of duplex interruption (``task="LISTEN"``, docs/duplex.md): :func:`build_listen_training_row`; their
+  labels are the frames' states (``irq``/``n_irq``) on the text stream and nothing else.
 - :func:`configure_stage` freezes the model for stage 1, 2 or 3 and reports the trainable parameters per part.
 - :func:`training_arguments` gives ``transformers.TrainingArguments`` with the paper's schedule and per-stage rates.
 - :func:`lora_config`, :func:`apply_lora`, :func:`load_lora`: PEFT LoRA on the language model only.
@@ -12,7 +14,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -20,8 +22,9 @@ import torch
 from transformers.utils import logging
 
 from .data import _as_features, _as_ids, _codec_of, _present, prepare_example
+from .duplex_data import listen_inputs
 from ..modeling_mini_omni2 import IGNORE_INDEX
-from ..token_layout import OUTPUT_SPEECH, TASKS, TokenLayout
+from ..token_layout import LISTEN_TASK, OUTPUT_SPEECH, TASKS, TokenLayout
 
 logger = logging.get_logger(__name__)
 
@@ -36,6 +39,9 @@ class TrainingRow:
     audio_positions: list[int]
     image_positions: list[int]
     prompt_length: int
+    listen_positions: list[int] = field(default_factory=list)
+    #: a features-input listening row's vectors (frames, dim), one per ``listen_positions`` entry
+    listen_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids[0])
@@ -89,6 +95,38 @@ def build_training_row(
     return TrainingRow(input_ids, labels, prompt.audio_positions, prompt.image_positions, len(prompt))
 
 
+def build_listen_training_row(
+    layout: TokenLayout, frame_labels: Sequence[int], codes: Any = None, num_frames: int | None = None
+) -> TrainingRow:
+    """A listening row (:meth:`TokenLayout.build_listen_row`) with its labels: the state of every frame.
+
+    ``frame_labels`` (T,): 1 where the frame's state is ``irq``, 0 for ``n_irq``. ``codes`` (T, 7) for codec input;
+    without them the row takes feature vectors at its ``listen_positions``. The state of frame k is read from the
+    logits at position k + 1, so with the model's shift its label sits at position k + 2; the row ends with one
+    position (``listen_step()`` with no frame, no features) that only holds the last frame's label. Every other label
+    is -100: the row learns its states and nothing else.
+    """
+    labels = np.asarray(frame_labels, dtype=np.int64).reshape(-1)
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"frame_labels must be 0 (n_irq) or 1 (irq), got {sorted(set(labels.tolist()) - {0, 1})}")
+    if codes is not None and np.asarray(codes).size > 0:
+        codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+        if codes.shape[0] != len(labels):
+            raise ValueError(f"{codes.shape[0]} frames of codes but {len(labels)} frame labels")
+        row = layout.build_listen_row(frames=codes)
+    else:
+        if num_frames is not None and num_frames != len(labels):
+            raise ValueError(f"{num_frames} feature frames but {len(labels)} frame labels")
+        row = layout.build_listen_row(num_frames=len(labels))
+    holder = layout.listen_step(None)
+    input_ids = [stream + [holder[s]] for s, stream in enumerate(row.streams)]
+    label_streams = [[IGNORE_INDEX] * len(input_ids[0]) for _ in input_ids]
+    prompt = len(layout.build_listen_prompt())
+    states = [layout.irq if label else layout.n_irq for label in labels.tolist()]
+    label_streams[layout.text_stream][prompt + 1 :] = states
+    return TrainingRow(input_ids, label_streams, [], [], prompt, listen_positions=row.listen_positions)
+
+
 #: The columns of a built training row (``MiniOmni2Preprocessor(training_rows=True)``). Every one is an argument of the
 #: model's ``forward``, so transformers' ``Trainer`` keeps them with its default ``remove_unused_columns=True``.
 ROW_FIELDS = (
@@ -134,6 +172,13 @@ class MiniOmni2DataCollator:
             takes the text of a speech answer from that twin row, so training it makes the default
             ``generate(batch_parallel=True)`` reproduce what the speech example teaches.
         truncate_audio: keep the first 30 s of longer input audio instead of refusing it.
+        listen_front_end: the model's :class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`
+            (``model.listen_front_end()``), for listening examples (``task="LISTEN"``) given as raw audio; those given
+            as ``listen_features``/``listen_codes`` with ``frame_labels`` need none.
+
+    Listening examples become listening rows (:func:`build_listen_training_row`), and may be mixed with any other
+    examples in a batch. Their feature vectors come as ``listen_features`` (batch, seq, dim) with
+    ``listen_feature_mask`` (batch, seq).
 
     Examples are raw or processed (:mod:`mini_omni2.training.data`), or training rows built ahead of time
     (:meth:`training_rows`, ``MiniOmni2Preprocessor(training_rows=True)``), which are padded as they are.
@@ -152,6 +197,7 @@ class MiniOmni2DataCollator:
         max_length: int | None = None,
         batch_parallel_twins: bool = False,
         truncate_audio: bool = False,
+        listen_front_end: Any = None,
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -165,13 +211,42 @@ class MiniOmni2DataCollator:
         self.max_length = max_length if max_length is not None else getattr(processor, "model_max_length", None)
         self.batch_parallel_twins = batch_parallel_twins
         self.truncate_audio = truncate_audio
+        self.listen_front_end = listen_front_end
 
     @property
     def layout(self) -> TokenLayout:
         return self.processor.layout
 
+    def listen_row(self, example: dict) -> tuple[TrainingRow, dict]:
+        """The listening row of a ``task="LISTEN"`` example: preprocessed (``listen_features`` or ``listen_codes``,
+        and ``frame_labels``) or raw (``audio``, ``sampling_rate``, ``command_end``) through ``listen_front_end``."""
+        prepared = example
+        if not _present(example.get("frame_labels")):
+            if self.listen_front_end is None:
+                raise ValueError(
+                    "a raw listening example (audio + command_end) needs listen_front_end=model.listen_front_end()"
+                )
+            if not _present(example.get("audio")) or example.get("command_end") is None:
+                raise ValueError("a listening example needs frame_labels, or audio, sampling_rate and command_end")
+            prepared = listen_inputs(example, self.listen_front_end)
+        codes = prepared.get("listen_codes")
+        features = prepared.get("listen_features")
+        has_codes, has_features = _present(codes), _present(features)
+        if has_codes == has_features:
+            raise ValueError("a listening example needs exactly one of listen_features or listen_codes")
+        num_frames = len(features) if has_features else None
+        row = build_listen_training_row(self.layout, prepared["frame_labels"], codes if has_codes else None, num_frames)
+        if has_features:
+            vectors = torch.as_tensor(np.asarray(features, dtype=np.float32))
+            if vectors.ndim != 2:
+                raise ValueError(f"listen_features must be (frames, dim), got shape {tuple(vectors.shape)}")
+            row.listen_features = vectors
+        return row, prepared
+
     def rows(self, example: dict) -> list[tuple[TrainingRow, dict]]:
         """The training rows of one example (two with ``batch_parallel_twins`` for a speech answer)."""
+        if isinstance(example, Mapping) and example.get("task") == LISTEN_TASK:
+            return [self.listen_row(example)]
         prepared = prepare_example(
             example, self.processor, codec=self.codec, audio="waveform", images="keep", truncate_audio=self.truncate_audio
         )
@@ -194,6 +269,8 @@ class MiniOmni2DataCollator:
         ``datasets``: the collator pads them as they are."""
         built = []
         for row, features, pixels in self._items(example):
+            if row.listen_positions:
+                raise ValueError("listening examples (task='LISTEN') are collated as they are; they have no built rows")
             audio_mask, image_mask = np.zeros(len(row), bool), np.zeros(len(row), bool)
             audio_mask[row.audio_positions] = True
             image_mask[row.image_positions] = True
@@ -273,6 +350,7 @@ class MiniOmni2DataCollator:
         audio_mask = torch.zeros(batch, length, dtype=torch.bool)
         image_mask = torch.zeros(batch, length, dtype=torch.bool)
         features, audio_lengths, pixels = [], [], []
+        listen_features, listen_mask = self._listen_inputs(items, length)
         for b, (row, row_features, row_pixels) in enumerate(items):
             shift = length - len(row) if self.padding_side == "left" else 0
             span = slice(shift, shift + len(row))
@@ -286,6 +364,10 @@ class MiniOmni2DataCollator:
             if row.image_positions:
                 image_mask[b, [shift + p for p in row.image_positions]] = True
                 pixels.append(row_pixels)
+            if row.listen_features is not None:
+                positions = [shift + p for p in row.listen_positions]
+                listen_features[b, positions] = row.listen_features
+                listen_mask[b, positions] = True
         out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -298,7 +380,21 @@ class MiniOmni2DataCollator:
         if pixels:
             out["pixel_values"] = torch.stack(pixels)
             out["image_feature_mask"] = image_mask
+        if listen_features is not None:
+            out["listen_features"] = listen_features
+            out["listen_feature_mask"] = listen_mask
         return out
+
+    @staticmethod
+    def _listen_inputs(items: list, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Zeroed ``listen_features`` (batch, length, dim) and ``listen_feature_mask`` when a row takes feature
+        vectors (features-input listening rows), else ``(None, None)``."""
+        widths = {row.listen_features.shape[1] for row, _, _ in items if row.listen_features is not None}
+        if not widths:
+            return None, None
+        if len(widths) > 1:
+            raise ValueError(f"listen_features of one batch must share one width, got widths {sorted(widths)}")
+        return torch.zeros(len(items), length, widths.pop()), torch.zeros(len(items), length, dtype=torch.bool)
 
     def _features(self, prepared: dict) -> torch.Tensor:
         if _present(prepared["input_features"]):
@@ -318,11 +414,12 @@ PARTS = {
     "lm_head": "lm_head",
     "audio_projector": "model.audio_projector",
     "vision_projector": "model.vision_projector",
+    "listen_projector": "model.listen_projector",
     "audio_tower": "model.audio_tower",
     "vision_tower": "model.vision_tower",
     "codec": "codec",
 }
-ADAPTERS = ("audio_projector", "vision_projector")
+ADAPTERS = ("audio_projector", "vision_projector", "listen_projector")
 ENCODERS = ("audio_tower", "vision_tower")
 
 #: Trainable parts per stage (SPEC §9): 1 adapters only; 2 the language model (with its head), adapters frozen, on
@@ -510,8 +607,9 @@ def apply_lora(model, config=None, **kwargs):
     from peft import get_peft_model
 
     config = config if config is not None else lora_config(**kwargs)
-    if config.modules_to_save and getattr(model.model, "vision_projector", None) is None:
-        config.modules_to_save = [m for m in config.modules_to_save if m != "vision_projector"] or None
+    if config.modules_to_save:  # a model without vision or listening features lacks those adapters
+        absent = {m for m in ADAPTERS if getattr(model.model, m, None) is None}
+        config.modules_to_save = [m for m in config.modules_to_save if m not in absent] or None
     return _name_the_auto_class(get_peft_model(model, config))
 
 
@@ -528,6 +626,7 @@ __all__ = [
     "is_training_row",
     "TrainingRow",
     "build_training_row",
+    "build_listen_training_row",
     "MiniOmni2DataCollator",
     "PARTS",
     "STAGE_PARTS",

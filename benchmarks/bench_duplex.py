@@ -1,0 +1,336 @@
+"""Duplex interruption, measured: a tiny model learns to hear "stop omni" and is scored on held-out clips.
+
+    python benchmarks/bench_duplex.py [--json FILE]                 # data, training, evaluation (a few minutes, CPU)
+    python benchmarks/bench_duplex.py --model DIR                    # evaluate a saved model instead of training
+    python benchmarks/bench_duplex.py --cost [--cost-size released]  # the listening row's cost per decoding step
+
+The proof (docs/duplex.md): synthetic clips (mini_omni2.training.duplex_data) of the ``train`` split train a tiny model
+with the features input (Trainer, stage 3); clips of the ``test`` split, whose voices, background words and noise
+kinds never occur in training, are run through the listening row step by step with a KV cache, exactly as inference
+runs it. Reported: the detection rate (irq between the command's start and 2 s after its end), the delay from the end
+of "stop omni" to the end of the frame at which the row commits to irq, and false interrupts per 10 minutes of
+command-free audio (near misses reported apart). Goals: detection >= 95 %, median delay <= 500 ms, <= 1 false
+interrupt per 10 minutes.
+
+``--cost`` times decoding steps of the language model with and without one listening row beside a request's two
+speaking rows (batch parallel decoding), at the released sizes or tiny ones, with the plain forward and a KV cache.
+It does not use the decoding engine (not in the tree yet): re-run it on the engine when it lands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+GOALS = {"detection": 0.95, "median_delay_ms": 500.0, "false_per_10min": 1.0}
+
+
+def machine() -> dict:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": load,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def _examples_chunk(job: tuple) -> list[dict]:
+    from mini_omni2.training.duplex import prepare_listen_examples
+    from mini_omni2.training.duplex_data import make_clip
+
+    split, indices, front_end, seed, half, clip_kwargs = job
+    keep = ("command_start", "command_end", "spoken", "kind", "snr_db")
+    out = prepare_listen_examples([make_clip(split, i, seed=seed, **clip_kwargs) for i in indices], front_end, keep)
+    if half:  # training features are stored at half precision (memory); the collator feeds them as float32
+        for example in out:
+            example["listen_features"] = example["listen_features"].astype("float16")
+    return out
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def make_examples(split: str, count: int, front_end, seed: int, start: int = 0, workers: int = 1, half: bool = False,
+                  **clip_kwargs) -> list[dict]:
+    """Clips ``start .. start + count - 1`` of ``split`` through ``front_end`` (``workers`` processes, same result)."""
+    chunks = [range(i, min(i + 50, start + count)) for i in range(start, start + count, 50)]
+    jobs = [(split, list(chunk), front_end, seed, half, clip_kwargs) for chunk in chunks]
+    if workers <= 1:
+        return [e for job in jobs for e in _examples_chunk(job)]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
+        return [e for part in pool.imap(_examples_chunk, jobs) for e in part]
+
+
+#: Decision rules tried: P(irq) >= threshold on min_frames consecutive frames.
+RULES = [(t, m) for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for m in (1, 2, 3)]
+
+
+def choose_rule(model, validation, probabilities, args) -> tuple[float, int, list]:
+    """The decision rule, chosen on validation clips (train split, unseen): the most detections with at most
+    ``GOALS["false_per_10min"]`` false interrupts per 10 minutes, else the fewest false interrupts. ``--threshold`` /
+    ``--min-frames`` fix it instead."""
+    from mini_omni2.training.duplex import evaluate_listener
+
+    sweep = []
+    for t, m in RULES:
+        r = evaluate_listener(model, validation, t, m, probabilities=probabilities)
+        sweep.append({"threshold": t, "min_frames": m, "detection": r["detection"], "false_per_10min": r["false_per_10min"],
+                      "median_delay_ms": r["median_delay_ms"]})
+    if args.threshold is not None:
+        return args.threshold, args.min_frames or 1, sweep
+    within = [r for r in sweep if r["false_per_10min"] <= GOALS["false_per_10min"]]
+    best = max(within, key=lambda r: (r["detection"], -r["false_per_10min"])) if within else min(
+        sweep, key=lambda r: (r["false_per_10min"], -r["detection"]))
+    return best["threshold"], best["min_frames"], sweep
+
+
+def proof(args) -> dict:
+    import torch
+
+    from mini_omni2 import MiniOmni2ForConditionalGeneration
+    from mini_omni2.tiny import tiny_processor
+    from mini_omni2.training.duplex import duplex_tiny_config, evaluate_listener, listener_probabilities, train_listener
+
+    torch.manual_seed(args.seed)
+    timings = {}
+    if args.model:
+        model = MiniOmni2ForConditionalGeneration.from_pretrained(args.model).eval()
+    else:
+        config = duplex_tiny_config(
+            text={"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
+                  "head_dim": args.hidden // 4},
+            adapter_intermediate_size=args.adapter,
+        )
+        model = MiniOmni2ForConditionalGeneration(config)
+    if model.config.listen_input != "features":
+        raise SystemExit("the proof uses the features input (the codec's random weights carry nothing: docs/duplex.md)")
+    front_end = model.listen_front_end()
+
+    start = time.perf_counter()
+    test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers, tail_seconds=(2.0, 10.0))
+    # validation: unseen clips of the train split (its voices, words and kinds), to choose the decision rule
+    validation = make_examples("train", args.val_clips, front_end, args.seed, start=args.train_clips,
+                               workers=args.workers, tail_seconds=(2.0, 10.0))
+    timings["test_data_s"] = time.perf_counter() - start
+    result: dict = {}
+    if not args.model:
+        start = time.perf_counter()
+        train = make_examples("train", args.train_clips, front_end, args.seed, workers=args.workers, half=True)
+        timings["train_data_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        output = train_listener(
+            model, tiny_processor(vision=False), train, args.output_dir, max_steps=args.steps,
+            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+        )
+        timings["train_s"] = time.perf_counter() - start
+        result["train_loss"] = output.training_loss
+        if args.save:
+            model.save_pretrained(args.save)
+    window = {"window_frames": args.window, "refeed_frames": args.refeed} if args.window else {}
+    start = time.perf_counter()
+    probabilities = listener_probabilities(model, test, **window)
+    timings["eval_s"] = time.perf_counter() - start
+    val_probabilities = listener_probabilities(model, validation, **window)
+    threshold, min_frames, val_sweep = choose_rule(model, validation, val_probabilities, args)
+    metrics = evaluate_listener(model, test, threshold, min_frames, probabilities=probabilities)
+    fixed = evaluate_listener(model, test, 0.5, 1, probabilities=probabilities)
+    sweep = [
+        {k: evaluate_listener(model, test, t, m, probabilities=probabilities)[k]
+         for k in ("threshold", "min_frames", "detection", "median_delay_ms", "false_per_10min", "false_per_10min_all")}
+        for t, m in RULES
+    ]
+    met = {
+        "detection": (metrics["detection"] or 0) >= GOALS["detection"],
+        "median_delay_ms": metrics["median_delay_ms"] is not None and metrics["median_delay_ms"] <= GOALS["median_delay_ms"],
+        "false_per_10min": metrics["false_per_10min"] is not None and metrics["false_per_10min"] <= GOALS["false_per_10min"],
+    }
+    result.update(
+        metrics=metrics, argmax_rule_metrics=fixed, sweep=sweep, validation_sweep=val_sweep, goals=GOALS, goals_met=met, timings=timings,
+        model={"parameters": sum(p.numel() for p in model.parameters()),
+               "language_model_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
+               "listen_projector_parameters": sum(p.numel() for p in model.model.listen_projector.parameters()),
+               "text_config": {k: getattr(model.config.text_config, k) for k in ("hidden_size", "num_hidden_layers")},
+               "listen_feature_config": model.config.listen_feature_config},
+        settings={k: v for k, v in vars(args).items() if k not in ("json",)},
+    )
+    return result
+
+
+def _row(r: dict) -> str:
+    delay = "-" if r["median_delay_ms"] is None else f"{r['median_delay_ms']:.0f} ms"
+    return f"det {r['detection']:.1%}  median delay {delay}  false {r['false_per_10min']:.2f}/10min"
+
+
+def print_proof(result: dict) -> None:
+    m = result["metrics"]
+    print(f"held-out clips: {m['clips']} ({m['positives']} with the command); command-free audio "
+          f"{m['command_free_minutes']:.1f} min (near-miss clips apart)")
+    print(f"decision rule (chosen on validation): P(irq) >= {m['threshold']} on {m['min_frames']} consecutive frame(s)")
+    print(f"detection          {m['detection']:.1%}   (goal >= 95 %)")
+    print(f"median delay       {m['median_delay_ms']:.0f} ms   (p90 {m['p90_delay_ms']:.0f} ms; goal <= 500 ms)"
+          if m["median_delay_ms"] is not None else "median delay       -")
+    print(f"false interrupts   {m['false_per_10min']:.2f} per 10 min   (goal <= 1; with near-miss clips "
+          f"{m['false_per_10min_all']:.2f})")
+    print("near misses that interrupted: " + ", ".join(f"{k!r} {v:.0%}" for k, v in m["near_miss_interrupted"].items()))
+    print("per background: " + ", ".join(
+        f"{k}: det {v['detection']:.0%} false {v['false_per_10min']:.1f}/10min" for k, v in m["by_kind"].items()
+        if v["detection"] is not None and v["false_per_10min"] is not None))
+    print("argmax rule (P >= 0.5, 1 frame): " + _row(result["argmax_rule_metrics"]))
+    print("test sweep (threshold x consecutive frames):")
+    for r in result["sweep"]:
+        print(f"  p>={r['threshold']:.2f} x{r['min_frames']}: {_row(r)}  (with near misses {r['false_per_10min_all']:.2f})")
+    print("goals met:", result["goals_met"], " timings (s):", {k: round(v, 1) for k, v in result["timings"].items()})
+
+
+# ----- the listening row's cost ---------------------------------------------------------------------------------------
+def listen_cost(model, speaking_rows: int = 2, context: int = 256, steps: int = 20, warmup: int = 3) -> dict:
+    """Decoding steps per second of ``speaking_rows`` rows with a ``context``-position cache, with and without one
+    listening row beside them (features: its frame's vector through the adapter; codec: its 7 codes as ids), and the
+    listening front end's time per frame. Plain forward with a DynamicCache, one position per row per step."""
+    import numpy as np
+    import torch
+    from transformers import DynamicCache
+
+    config = model.config
+    layout = config.token_layout
+    device = next(model.parameters()).device
+
+    def run(rows: int, listening: bool) -> float:
+        cache = DynamicCache(config=config.text_config)
+        ids = layout.pad_ids(device)[None, :, None].repeat(rows, 1, context)  # a text prompt: pad_a over random text
+        ids[:, layout.text_stream] = torch.randint(0, layout.tokenizer_vocab_size, (rows, context), device=device)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            step = layout.pad_ids(device)[None, :, None].repeat(rows, 1, 1)
+            kwargs = {}
+            if listening:
+                step[-1, :, 0] = torch.tensor(layout.listen_step(None), device=device)
+                if config.listen_input == "features":
+                    features = torch.zeros(rows, 1, config.listen_feature_dim, device=device)
+                    mask = torch.zeros(rows, 1, dtype=torch.bool, device=device)
+                    mask[-1] = True
+                    kwargs = {"listen_features": features, "listen_feature_mask": mask}
+            times = []
+            for k in range(warmup + steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(input_ids=step, past_key_values=cache, use_cache=True, **kwargs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if k >= warmup:
+                    times.append(time.perf_counter() - start)
+        return float(len(times) / sum(times))
+
+    without = run(speaking_rows, False)
+    with_row = run(speaking_rows + 1, True)
+    front_end = model.listen_front_end()
+    audio = np.random.default_rng(0).standard_normal(48000 * 4).astype(np.float32) * 0.1
+    start = time.perf_counter()
+    frames = front_end.frames(audio, 48000).shape[0]
+    per_frame = (time.perf_counter() - start) / frames
+    return {
+        "speaking_rows": speaking_rows,
+        "context": context,
+        "listen_input": config.listen_input,
+        "steps_per_s_without": without,
+        "steps_per_s_with_listening_row": with_row,
+        "slowdown": without / with_row,
+        "front_end_ms_per_frame": per_frame * 1000,
+        "realtime_steps_per_s": config.listen_sampling_rate / config.listen_frame_samples,
+    }
+
+
+def cost(args) -> dict:
+    import torch
+
+    from mini_omni2 import MiniOmni2Config, MiniOmni2ForConditionalGeneration
+    from mini_omni2.tiny import tiny_config
+
+    results = []
+    for listen_input in ("features", "codec"):
+        if args.cost_size == "released":
+            config = MiniOmni2Config(vision_config=None, listen_input=listen_input)  # vision takes no part in a step
+        else:
+            config = tiny_config(vision=False, listen_input=listen_input)
+        torch.manual_seed(0)
+        model = MiniOmni2ForConditionalGeneration(config).eval()
+        if torch.cuda.is_available() and not args.cpu:
+            model = model.to("cuda", torch.bfloat16)
+        results.append(listen_cost(model, context=args.cost_context, steps=args.cost_steps))
+        del model
+    return {"size": args.cost_size, "results": results, "engine": "plain forward (no decoding engine yet)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--model", help="evaluate this saved model (features input) instead of training one")
+    parser.add_argument("--save", help="save the trained model here")
+    parser.add_argument("--output-dir", default="/tmp/bench_duplex", help="Trainer's output directory")
+    parser.add_argument("--train-clips", type=int, default=6000)
+    parser.add_argument("--test-clips", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--adapter", type=int, default=256, help="intermediate width of the listening adapter")
+    parser.add_argument("--val-clips", type=int, default=300, help="unseen train-split clips to choose the rule on")
+    parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
+    parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")
+    parser.add_argument("--window", type=int, default=0, help="restart listening rows after this many frames (0: never)")
+    parser.add_argument("--refeed", type=int, default=24, help="frames fed again to a restarted row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--workers", type=int, default=1, help="processes that make the clips (same clips for any)")
+    parser.add_argument("--cost", action="store_true", help="measure the listening row's cost instead")
+    parser.add_argument("--cost-size", choices=("released", "tiny"), default="released")
+    parser.add_argument("--cost-context", type=int, default=256)
+    parser.add_argument("--cost-steps", type=int, default=20)
+    parser.add_argument("--cpu", action="store_true", help="--cost on the CPU even when a GPU is there")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = {"machine": machine()}
+    if args.cost:
+        result["cost"] = cost(args)
+        for row in result["cost"]["results"]:
+            print(f"{args.cost_size} sizes, listen_input={row['listen_input']}: {row['steps_per_s_without']:.1f} "
+                  f"steps/s without, {row['steps_per_s_with_listening_row']:.1f} with the listening row "
+                  f"(x{row['slowdown']:.2f}); front end {row['front_end_ms_per_frame']:.2f} ms/frame; "
+                  f"real time needs {row['realtime_steps_per_s']:.1f} steps/s")
+    else:
+        result["proof"] = proof(args)
+        print_proof(result["proof"])
+    result["machine"]["load_average_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print("machine:", json.dumps(result["machine"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,115 @@
+"""Train the listening row of duplex interruption ("stop omni" -> irq) with transformers' Trainer (docs/duplex.md).
+
+Runs offline on a tiny random model with synthetic clips (espeak-ng voices over speech, noise and music):
+
+    python examples/train_duplex.py --output-dir runs/duplex --train-clips 2000 --max-steps 1500
+
+Add duplex to a converted checkpoint (a new, randomly initialised listening adapter for the features input), mixed
+with stage-3 data of the example format (docs/training.md):
+
+    python examples/train_duplex.py --model ./mini-omni2-hf --listen-input features --train-file stage3.jsonl \
+        --output-dir runs/duplex
+
+The clips come from ``mini_omni2.training.duplex_data.duplex_generator`` through ``datasets.Dataset.from_generator``
+and the model's own listening front end; every row is a listening row whose labels are its frames' states. The
+trained model and processor are saved to ``--output-dir`` with ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger("mini_omni2.train_duplex")
+TINY = "tiny-random"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=TINY, help=f"a saved Mini-Omni2 folder, or {TINY!r} (tiny, random, offline)")
+    parser.add_argument("--listen-input", choices=("features", "codec"),
+                        help="what the listening row hears (default: the model's config; features for tiny-random)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--train-clips", type=int, default=2000, help="synthetic clips of the train split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-file", help="also train on these examples (JSON lines, docs/training.md): the stage-3 mix")
+    parser.add_argument("--num-synthetic", type=int, default=0,
+                        help="also train on this many synthetic stage-3 examples (the mix, offline)")
+    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--per-device-train-batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="2e-3 for the tiny model; ~2e-4 for 0.5 B")
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--logging-steps", type=int, default=50)
+    return parser
+
+
+def load_model_and_processor(args):
+    import mini_omni2  # noqa: F401  (registers the Auto classes)
+    from mini_omni2 import MiniOmni2ForConditionalGeneration, MiniOmni2Processor
+
+    if args.model == TINY:
+        from mini_omni2.tiny import tiny_processor
+        from mini_omni2.training.duplex import duplex_tiny_config
+
+        config = duplex_tiny_config(listen_input=args.listen_input or "features")
+        return MiniOmni2ForConditionalGeneration(config), tiny_processor(vision=False)
+    overrides = {"listen_input": args.listen_input} if args.listen_input else {}
+    model = MiniOmni2ForConditionalGeneration.from_pretrained(args.model, **overrides)
+    return model, MiniOmni2Processor.from_pretrained(args.model)
+
+
+def build_dataset(args, model, processor):
+    """Listening clips through the model's front end (``datasets``), plus the stage-3 examples if asked."""
+    import datasets
+    import torch
+
+    from mini_omni2.training.duplex_data import DuplexPreprocessor, duplex_generator
+
+    clips = datasets.Dataset.from_generator(
+        duplex_generator, gen_kwargs={"split": "train", "num_examples": args.train_clips, "seed": args.seed}
+    )
+    listen = clips.map(DuplexPreprocessor(model.listen_front_end()), batched=True, batch_size=32,
+                       remove_columns=clips.column_names).with_format("numpy")
+    parts = [listen]
+    if args.train_file or args.num_synthetic:
+        from mini_omni2.training.data import MiniOmni2Preprocessor, synthetic_examples
+
+        if args.train_file:
+            raw = datasets.load_dataset("json", data_files=args.train_file, split="train")
+        else:
+            raw = datasets.Dataset.from_list(synthetic_examples(processor, args.num_synthetic, seed=args.seed))
+        prep = MiniOmni2Preprocessor(processor, codec=model if model.codec is not None else None, audio="waveform")
+        parts.append(raw.map(prep, batched=True, batch_size=16, remove_columns=prep.removable_columns(raw.column_names)))
+    return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from mini_omni2.training.duplex import train_listener
+
+    torch.manual_seed(args.seed)
+    model, processor = load_model_and_processor(args)
+    dataset = build_dataset(args, model, processor)
+    result = train_listener(
+        model, processor, dataset, args.output_dir, max_steps=args.max_steps,
+        batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps,
+    )
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    summary = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset),
+               "listen_input": model.config.listen_input}
+    with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.info("saved to %s: %s", args.output_dir, json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,245 @@
+"""Training and evaluating the listening row of duplex interruption (docs/duplex.md).
+
+- :func:`duplex_tiny_config`: the tiny model the proof trains (a shrunk Qwen2 without vision, features input).
+- :func:`prepare_listen_examples`: clips (:mod:`.duplex_data`) -> listening inputs through the model's own front end.
+- :func:`train_listener`: ``transformers.Trainer`` on listening examples (and, optionally, any other examples: the
+  stage-3 mix), with the collator's listening rows.
+- :func:`evaluate_listener`: held-out clips run step by step through :class:`~mini_omni2.duplex_mini_omni2.MiniOmni2Listener`
+  exactly as inference runs the row; detection rate, delay and false interrupts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .duplex_data import listen_inputs
+from ..token_layout import LISTEN_FEATURES
+
+#: The tiny language model of the proof (docs/duplex.md): a Qwen2 of ~0.2 M parameters.
+DUPLEX_TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+def duplex_tiny_config(listen_input: str = LISTEN_FEATURES, text: dict | None = None, **overrides):
+    """A tiny Mini-Omni config (no vision) for the listening row; a codec only for ``listen_input="codec"``."""
+    from ..tiny import tiny_config
+
+    return tiny_config(
+        vision=False,
+        codec=listen_input != LISTEN_FEATURES,
+        listen_input=listen_input,
+        text_config={**DUPLEX_TINY_TEXT, **(text or {})},
+        **overrides,
+    )
+
+
+def prepare_listen_examples(clips: Sequence[dict], front_end, keep: Sequence[str] = ()) -> list[dict]:
+    """Clips -> listening examples (``listen_features`` or ``listen_codes``, ``frame_labels``) through ``front_end``,
+    keeping the clip fields named in ``keep`` (e.g. ``("command_start", "command_end", "spoken", "kind")``)."""
+    return [{**listen_inputs(clip, front_end), **{k: clip[k] for k in keep}} for clip in clips]
+
+
+def train_listener(
+    model,
+    processor,
+    train_examples,
+    output_dir: str,
+    max_steps: int = 600,
+    batch_size: int = 16,
+    learning_rate: float = 2e-3,
+    warmup_steps: int = 50,
+    seed: int = 0,
+    logging_steps: int = 50,
+    **overrides,
+):
+    """Train ``model`` (stage 3: language model, head and adapters) on ``train_examples`` with ``Trainer``.
+
+    ``train_examples``: a ``datasets.Dataset``, a torch dataset or a list of examples (listening examples, optionally
+    mixed with any other examples of docs/training.md). Returns the ``TrainOutput``; the model is left in eval mode.
+    """
+    from transformers import Trainer
+
+    from .collator import MiniOmni2DataCollator, configure_stage, training_arguments
+
+    configure_stage(model, 3)
+    args = training_arguments(
+        3,
+        output_dir,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        **overrides,
+    )
+    collator = MiniOmni2DataCollator(processor, listen_front_end=model.listen_front_end())
+    model.train()
+    trainer = Trainer(model=model, args=args, train_dataset=train_examples, data_collator=collator)
+    result = trainer.train()
+    model.eval()
+    return result
+
+
+# ----- evaluation --------------------------------------------------------------------------------------------------
+@dataclass
+class ClipOutcome:
+    """What the listening row did on one held-out clip (one speaking turn: the row ends at its first ``irq``)."""
+
+    spoken: str
+    kind: str
+    has_command: bool
+    first_irq_frame: int | None  # the frame at which the row committed to irq, None if never
+    detected: bool  # positives: irq from the command's start to command_end + max_delay
+    false_interrupt: bool  # irq in command-free audio (before the command, or anywhere in a negative)
+    delay: float | None  # seconds from the end of the command to the end of the irq frame (detected clips)
+    command_free_seconds: float  # command-free audio the row listened to before its first irq
+
+
+def first_irq(probabilities: np.ndarray, threshold: float = 0.5, min_frames: int = 1) -> int | None:
+    """The frame at which a row commits to ``irq``: the ``min_frames``-th consecutive frame with P(irq) >= threshold."""
+    run = 0
+    for k, p in enumerate(probabilities):
+        run = run + 1 if p >= threshold else 0
+        if run >= min_frames:
+            return k
+    return None
+
+
+def clip_outcome(
+    example: dict, probabilities: np.ndarray, frame_seconds: float, threshold: float, min_frames: int, max_delay: float
+) -> ClipOutcome:
+    """Score one clip: frame k covers ``[k, k + 1) * frame_seconds``; a decision is known at the end of its frame."""
+    fired = first_irq(probabilities, threshold, min_frames)
+    end = None if fired is None else (fired + 1) * frame_seconds
+    total = len(probabilities) * frame_seconds
+    has_command = float(example["command_end"]) >= 0
+    if not has_command:
+        return ClipOutcome(example.get("spoken", ""), example.get("kind", ""), False, fired, False, fired is not None,
+                           None, total if end is None else end)
+    start, stop = float(example["command_start"]), float(example["command_end"])
+    early = end is not None and end <= start
+    detected = end is not None and not early and end - stop <= max_delay
+    return ClipOutcome(
+        example.get("spoken", ""), example.get("kind", ""), True, fired, detected, early,
+        end - stop if detected else None, end if early else start,
+    )
+
+
+def listener_probabilities(model, examples: Sequence[dict], batch_size: int = 32, **listener_kwargs) -> list[np.ndarray]:
+    """P(irq) of every frame of every example, each run step by step from a fresh listening row with a cache
+    (:class:`MiniOmni2Listener`); clips of similar length share a batch, padded at the end (rows are causal)."""
+    from ..duplex_mini_omni2 import MiniOmni2Listener
+
+    key = "listen_features" if model.config.listen_input == LISTEN_FEATURES else "listen_codes"
+    frames = [torch.as_tensor(np.asarray(e[key])) for e in examples]
+    order = sorted(range(len(frames)), key=lambda i: frames[i].shape[0])
+    listener = MiniOmni2Listener(model, **listener_kwargs)
+    out: list[np.ndarray | None] = [None] * len(frames)
+    for s in range(0, len(order), batch_size):
+        ids = order[s : s + batch_size]
+        length = max(frames[i].shape[0] for i in ids)
+        batch = frames[ids[0]].new_zeros((len(ids), length) + tuple(frames[ids[0]].shape[1:]))
+        for j, i in enumerate(ids):
+            batch[j, : frames[i].shape[0]] = frames[i]
+        probabilities = listener.run(batch)
+        for j, i in enumerate(ids):
+            out[i] = probabilities[j, : frames[i].shape[0]].numpy()
+    return out
+
+
+def summarize(outcomes: Sequence[ClipOutcome]) -> dict[str, Any]:
+    """Detection rate, delays and false interrupts of clip outcomes, overall and per background kind / near miss.
+
+    False interrupts are counted per turn (a clip; the row ends at its first irq) over the command-free audio it
+    listened to: all of it without near misses (``false_per_10min``), and with them (``false_per_10min_all``);
+    ``near_miss_interrupted`` is the share of near-miss clips that interrupted, per phrase.
+    """
+    positives = [o for o in outcomes if o.has_command]
+    delays = np.array([o.delay for o in positives if o.detected], dtype=np.float64)
+    ordinary = [o for o in outcomes if o.has_command or not o.spoken]
+    near = [o for o in outcomes if not o.has_command and o.spoken]
+
+    def rate(items) -> float | None:
+        seconds = sum(o.command_free_seconds for o in items)
+        return None if seconds == 0 else sum(o.false_interrupt for o in items) / (seconds / 600.0)
+
+    by_kind = {}
+    for kind in sorted({o.kind for o in outcomes}):
+        items = [o for o in ordinary if o.kind == kind]
+        pos = [o for o in items if o.has_command]
+        by_kind[kind] = {
+            "detection": None if not pos else sum(o.detected for o in pos) / len(pos),
+            "false_per_10min": rate(items),
+            "clips": len(items),
+        }
+    return {
+        "clips": len(outcomes),
+        "positives": len(positives),
+        "detection": None if not positives else sum(o.detected for o in positives) / len(positives),
+        "median_delay_ms": None if delays.size == 0 else float(np.median(delays) * 1000),
+        "p90_delay_ms": None if delays.size == 0 else float(np.percentile(delays, 90) * 1000),
+        "false_interrupts": sum(o.false_interrupt for o in ordinary),
+        "command_free_minutes": sum(o.command_free_seconds for o in ordinary) / 60,
+        "false_per_10min": rate(ordinary),
+        "false_per_10min_all": rate(outcomes),
+        "near_miss_interrupted": {
+            phrase: sum(o.false_interrupt for o in near if o.spoken == phrase) / max(1, sum(o.spoken == phrase for o in near))
+            for phrase in sorted({o.spoken for o in near})
+        },
+        "by_kind": by_kind,
+    }
+
+
+def evaluate_listener(
+    model,
+    examples: Sequence[dict],
+    threshold: float = 0.5,
+    min_frames: int = 1,
+    max_delay: float = 2.0,
+    batch_size: int = 32,
+    probabilities: Sequence[np.ndarray] | None = None,
+    **listener_kwargs,
+) -> dict[str, Any]:
+    """Run held-out listening examples (with ``command_start``/``command_end``, ``spoken``, ``kind``) step by step
+    and :func:`summarize` them. ``probabilities`` reuses a previous run (e.g. to sweep the threshold)."""
+    if probabilities is None:
+        probabilities = listener_probabilities(model, examples, batch_size, **listener_kwargs)
+    frame_seconds = model.config.listen_frame_samples / model.config.listen_sampling_rate
+    outcomes = [
+        clip_outcome(e, p, frame_seconds, threshold, min_frames, max_delay) for e, p in zip(examples, probabilities)
+    ]
+    return {**summarize(outcomes), "threshold": threshold, "min_frames": min_frames, "max_delay_s": max_delay}
+
+
+__all__ = [
+    "DUPLEX_TINY_TEXT",
+    "duplex_tiny_config",
+    "prepare_listen_examples",
+    "train_listener",
+    "ClipOutcome",
+    "first_irq",
+    "clip_outcome",
+    "listener_probabilities",
+    "summarize",
+    "evaluate_listener",
+]

@@ -1,0 +1,383 @@
+"""Synthetic data for duplex interruption (Mini-Omni2 §4.3; docs/duplex.md): "stop omni" spoken over backgrounds.
+
+A clip is a background (speech of espeak-ng voices at random speeds and pitches saying random sentences, or
+noise/music-like signals: white, pink, brown noise, tones, chords, babble), into which a spoken "stop omni" in a random
+voice is mixed at a random level, followed by a 0-10 s tail of background. Its listening frames are labelled ``n_irq``
+before the tail and ``irq`` from the frame in which the command ends (:func:`frame_labels`). Negatives have no
+command, or a near miss ("stop", "omni", "stop on me", "top omni") in its place.
+
+Clips are made at 16 kHz (a microphone's rate); the model hears them through the listening front end
+(:class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`), which resamples them exactly as it does a live
+stream. Everything is deterministic given ``(seed, split, index)``. Splits: ``"train"``, and ``"test"`` whose voices
+(espeak-ng accents *and* variants), background words and two noise kinds (pink noise, chords) never occur in
+``"train"``.
+
+``datasets.Dataset.from_generator(duplex_generator, gen_kwargs=dict(split="train", num_examples=1000, seed=0))``
+builds a dataset; :class:`DuplexPreprocessor` maps it to listening inputs and frame labels for the collator.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import zlib
+from functools import lru_cache
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..token_layout import LISTEN_FEATURES, LISTEN_TASK
+
+#: Rate of the synthetic clips (a microphone's); the front end resamples them to the codec's rate.
+CLIP_SAMPLING_RATE = 16000
+COMMAND_TEXTS = ("stop omni", "Stop Omni.", "stop, omni!", "Stop omni!")
+NEAR_MISSES = ("stop", "omni", "stop on me", "top omni")
+SPLITS = ("train", "test")
+
+#: espeak-ng English accents (``espeak-ng --voices=en``) and voice variants (``espeak-ng --voices=variant``), split so
+#: that a test voice has both an accent and a variant never used in training.
+ACCENTS = {
+    "train": ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan"),
+    "test": ("en-029", "en-gb-x-gbcwmd"),
+}
+VARIANTS = {
+    "train": (
+        "m1", "m2", "m3", "m4", "m5", "m6", "m8", "f1", "f2", "f3", "f5", "croak", "klatt", "klatt2", "klatt4",
+        "klatt5", "klatt6", "adam", "Alex", "Alicia", "Andrea", "antonio", "benjamin", "boris", "caleb", "david",
+        "Denis", "Diogo", "ed", "edward2", "Gene", "Gene2", "grandma", "grandpa", "gustave", "Henrique", "Hugo",
+        "iven", "iven3", "iven4", "Jacky", "john", "kaukovalta", "Lee", "marcelo", "Marco", "Mario", "Michael",
+        "michel", "miguel", "Mike", "Nguyen", "pablo", "paul", "pedro", "quincy", "rob", "sandro", "shelby", "steph",
+        "steph3", "victor", "zac",
+    ),
+    "test": (
+        "m7", "f4", "klatt3", "Andy", "Annie", "aunty", "belinda", "edward", "iven2", "linda", "max", "norbert",
+        "robert", "steph2", "travis",
+    ),
+}
+#: Background kinds per split. Noise and music: the test split's (pink noise, chords) are never heard in training;
+#: speech (one talker) and babble (3-6 talkers) occur in both, with each split's own voices and words.
+KINDS = {
+    "train": ("white", "brown", "tones", "speech", "babble"),
+    "test": ("pink", "chords", "speech", "babble"),
+}
+SPEECH_KINDS = ("speech", "babble")
+
+_WORDS = """
+time year people way day man thing woman life child world school state family student group country problem hand
+part place case week company system program question work government number night point home water room mother area
+money story fact month lot right study book eye job word business issue side kind head house service friend father
+power hour game line end member law car city community name president team minute idea kid body information back
+parent face others level office door health person art war history party result change morning reason research girl
+guy moment air teacher force education foot boy age policy music market sense nation plan college interest death
+experience effect class control care field development role effort rate heart drug show leader light voice wife police
+mind price report decision son view relationship town road arm difference value building action model season society
+tax director position player record paper space ground form event official matter center couple site project activity
+star table need court oil situation cost industry figure street image phone data picture practice piece land product
+doctor wall patient worker news test movie north love support technology step baby computer type attention film tree
+source organization hair window evidence population truth song river garden summer winter yellow green orange purple
+silver golden quiet happy early late small large quick slow bright dark warm cold simple ready open little round
+always never often sometimes together again almost already maybe perhaps really very quite rather soon
+walk talk run read write sing swim climb build carry cook drive draw listen learn think watch bring follow travel
+""".split()
+#: Background words per split (alternate words of the list): the test split's sentences use none of train's words.
+WORDS = {"train": tuple(_WORDS[0::2]), "test": tuple(_WORDS[1::2])}
+
+
+# ----- voices ------------------------------------------------------------------------------------------------------
+def _espeak() -> str:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); the duplex data needs it")
+    return exe
+
+
+@lru_cache(maxsize=1)
+def installed_variants() -> frozenset[str]:
+    """The voice variants this espeak-ng has (``espeak-ng --voices=variant``, the file names after ``!v/``)."""
+    out = subprocess.run([_espeak(), "--voices=variant"], check=True, capture_output=True, text=True).stdout
+    return frozenset(line.split("!v/")[1].strip() for line in out.splitlines() if "!v/" in line)
+
+
+def split_voices(split: str) -> list[str]:
+    """The espeak-ng voices (``accent+variant``) of a split; an espeak-ng lacking a variant is an error."""
+    _check_split(split)
+    missing = sorted(set(VARIANTS[split]) - installed_variants())
+    if missing:
+        raise RuntimeError(f"this espeak-ng lacks the voice variants {missing} of split {split!r}")
+    return [f"{accent}+{variant}" for accent in ACCENTS[split] for variant in VARIANTS[split]]
+
+
+@lru_cache(maxsize=4096)
+def speak(text: str, voice: str, speed: int = 175, pitch: int = 50) -> np.ndarray:
+    """``text`` said by espeak-ng ``voice`` at ``speed`` (words/min) and ``pitch`` (0-99), trimmed, at 16 kHz.
+
+    Cached (the same arguments give the same, read-only array)."""
+    import soundfile
+    import soxr
+
+    result = subprocess.run(
+        [_espeak(), "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
+        check=True,
+        capture_output=True,
+    )
+    data, rate = soundfile.read(io.BytesIO(result.stdout), dtype="float32")
+    audio = np.asarray(soxr.resample(data, rate, CLIP_SAMPLING_RATE), dtype=np.float32)
+    start, end = _speech_bounds(audio)
+    audio = audio[start:end].copy()
+    audio.flags.writeable = False
+    return audio
+
+
+def _speech_bounds(audio: np.ndarray, frame: int = 160, threshold_db: float = -40.0) -> tuple[int, int]:
+    """First and last sample of the 10 ms frames within ``threshold_db`` of the loudest (espeak pads with silence)."""
+    n = len(audio) // frame
+    if n == 0:
+        return 0, len(audio)
+    energy = (audio[: n * frame].reshape(n, frame) ** 2).mean(axis=1)
+    loud = np.flatnonzero(energy >= energy.max() * 10 ** (threshold_db / 10))
+    return int(loud[0]) * frame, int(loud[-1] + 1) * frame
+
+
+# ----- backgrounds -------------------------------------------------------------------------------------------------
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x), dtype=np.float64)) + 1e-12)
+
+
+def _coloured_noise(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
+    """Noise with power spectrum 1/f^exponent (0 white, 1 pink, 2 brown), shaped in the frequency domain."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n)
+    freqs[0] = freqs[1] if n > 1 else 1.0
+    return np.fft.irfft(spectrum / freqs ** (exponent / 2), n).astype(np.float32)
+
+
+def _note(freq: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A harmonic note with an attack/decay envelope."""
+    t = np.arange(n) / CLIP_SAMPLING_RATE
+    wave = sum((0.6**h) * np.sin(2 * np.pi * freq * (h + 1) * t + rng.uniform(0, 2 * np.pi)) for h in range(4))
+    envelope = np.minimum(1.0, t / 0.02) * np.exp(-t * rng.uniform(0.5, 4.0))
+    return (wave * envelope).astype(np.float32)
+
+
+def _music(rng: np.random.Generator, n: int, chords: bool) -> np.ndarray:
+    """Tones (a random melody) or chords (3-4 note triads and sevenths held 0.5-2 s)."""
+    out = np.zeros(n, dtype=np.float32)
+    position = 0
+    while position < n:
+        seconds = rng.uniform(0.5, 2.0) if chords else rng.uniform(0.1, 0.6)
+        length = min(int(CLIP_SAMPLING_RATE * seconds), n - position)
+        root = 110.0 * 2 ** (rng.integers(0, 36) / 12)
+        steps = (0,)
+        if chords:
+            steps = (0, int(rng.choice([3, 4])), 7) + ((int(rng.choice([10, 11])),) if rng.random() < 0.5 else ())
+        for step in steps:
+            out[position : position + length] += _note(root * 2 ** (step / 12), length, rng)
+        position += length
+    return out
+
+
+#: Utterances per split, drawn from fixed pools so that espeak-ng runs once per utterance (cached) and every clip is a
+#: fresh mix: background speech (random sentences of the split's words) and each command / near-miss phrase, each
+#: utterance by a random voice of the split at a random speed and pitch.
+SPEECH_POOL_SIZE = {"train": 600, "test": 200}
+PHRASE_POOL_SIZE = {"train": 300, "test": 100}
+
+
+def _pool_utterance(split: str, entry: int, phrase: str | None = None) -> tuple[np.ndarray, str]:
+    """Pool entry ``entry`` of the split's background sentences (``phrase`` None) or of ``phrase``; and its voice."""
+    rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{phrase or ''}".encode()), entry])
+    voices = split_voices(split)
+    text = phrase if phrase else " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
+    voice = voices[rng.integers(len(voices))]
+    return speak(text, voice, int(rng.integers(130, 221)), int(rng.integers(20, 81))), voice
+
+
+def _talker(rng: np.random.Generator, n: int, split: str) -> np.ndarray:
+    """One talker's turn of ``n`` samples: utterances of the split's pool with short pauses, from a random offset."""
+    pieces, total = [], 0
+    while total < n:
+        speech, _ = _pool_utterance(split, int(rng.integers(SPEECH_POOL_SIZE[split])))
+        pause = np.zeros(int(CLIP_SAMPLING_RATE * rng.uniform(0.05, 0.6)), dtype=np.float32)
+        pieces += [speech, pause]
+        total += len(speech) + len(pause)
+    audio = np.concatenate(pieces)
+    start = int(rng.integers(0, max(len(audio) - n, 0) + 1))
+    return audio[start : start + n]
+
+
+def background(kind: str, n: int, rng: np.random.Generator, split: str) -> np.ndarray:
+    """``n`` samples of a background of ``kind`` (one of :data:`KINDS`), at unit RMS."""
+    if kind in ("white", "pink", "brown"):
+        audio = _coloured_noise(rng, n, {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind])
+    elif kind in ("tones", "chords"):
+        audio = _music(rng, n, chords=kind == "chords")
+    elif kind == "speech":
+        audio = _talker(rng, n, split)
+    elif kind == "babble":
+        audio = sum(_talker(rng, n, split) for _ in range(int(rng.integers(3, 7))))
+    else:
+        raise ValueError(f"unknown background kind {kind!r}; known: {sorted(k for ks in KINDS.values() for k in ks)}")
+    return (audio / _rms(audio)).astype(np.float32)
+
+
+# ----- clips -------------------------------------------------------------------------------------------------------
+def perturb(utterance: np.ndarray, rng: np.random.Generator, speed: tuple[float, float]) -> np.ndarray:
+    """Every clip's own version of a pooled utterance: played ``speed`` times faster (tempo and pitch, as a tape;
+    resampled with soxr) through a random first-order spectral tilt (a microphone's colour)."""
+    import soxr
+    from scipy.signal import lfilter
+
+    factor = float(rng.uniform(*speed))
+    audio = np.asarray(soxr.resample(utterance, CLIP_SAMPLING_RATE, CLIP_SAMPLING_RATE / factor), dtype=np.float32)
+    tilt = float(rng.uniform(-0.7, 0.7))  # > 0 brightens (pre-emphasis), < 0 darkens (one-pole low-pass)
+    if tilt >= 0:
+        audio = lfilter([1.0, -tilt], [1.0], audio)
+    else:
+        audio = lfilter([1.0 + tilt], [1.0, tilt], audio)
+    return np.asarray(audio, dtype=np.float32)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def make_clip(
+    split: str,
+    index: int,
+    seed: int = 0,
+    positive_fraction: float = 0.5,
+    near_miss_fraction: float = 0.25,
+    lead_seconds: tuple[float, float] = (1.0, 8.0),
+    tail_seconds: tuple[float, float] = (0.0, 10.0),
+    negative_seconds: tuple[float, float] = (3.0, 15.0),
+    snr_db: tuple[float, float] = (5.0, 20.0),
+    speed_perturbation: tuple[float, float] = (0.85, 1.15),
+    level_db: tuple[float, float] = (-35.0, -15.0),
+    kinds: Sequence[str] | None = None,
+) -> dict:
+    """Clip ``index`` of ``split``: deterministic in ``(seed, split, index)``.
+
+    A positive is ``lead_seconds`` of background, the command ("stop omni" in a random voice at ``snr_db`` over the
+    background), then ``tail_seconds`` of background; a negative is ``negative_seconds`` of background, with a near
+    miss in place of the command for ``near_miss_fraction`` of all clips. The phrase is an utterance of the split's
+    pool made the clip's own by :func:`perturb` (``speed_perturbation``). The mix is scaled to an RMS of
+    ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz), ``command_start`` /
+    ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
+    """
+    _check_split(split)
+    if not (positive_fraction >= 0 and near_miss_fraction >= 0 and positive_fraction + near_miss_fraction <= 1):
+        raise ValueError("positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1")
+    kinds = tuple(kinds) if kinds is not None else KINDS[split]
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+    draw = rng.random()
+    positive = draw < positive_fraction
+    spoken = ""
+    if positive:
+        spoken = COMMAND_TEXTS[rng.integers(len(COMMAND_TEXTS))]
+    elif draw < positive_fraction + near_miss_fraction:
+        spoken = NEAR_MISSES[rng.integers(len(NEAR_MISSES))]
+    kind = kinds[rng.integers(len(kinds))]
+    voice = ""
+    utterance = np.zeros(0, np.float32)
+    if spoken:
+        utterance, voice = _pool_utterance(split, int(rng.integers(PHRASE_POOL_SIZE[split])), spoken)
+        utterance = perturb(utterance, rng, speed_perturbation)
+    rate = CLIP_SAMPLING_RATE
+    if positive:
+        lead = int(rate * rng.uniform(*lead_seconds))
+        total = lead + len(utterance) + int(rate * rng.uniform(*tail_seconds))
+    else:
+        total = max(int(rate * rng.uniform(*negative_seconds)), len(utterance) + rate)
+        lead = int(rng.integers(0, total - len(utterance) + 1))
+    audio = background(kind, total, rng, split)
+    snr, level = float(rng.uniform(*snr_db)), float(rng.uniform(*level_db))
+    if spoken:
+        gain = 10 ** (snr / 20) / _rms(utterance)  # the background has unit RMS
+        audio[lead : lead + len(utterance)] += gain * utterance
+    audio *= 10 ** (level / 20) / _rms(audio)
+    peak = float(np.abs(audio).max())
+    if peak > 0.99:
+        audio *= 0.99 / peak
+    return {
+        "id": f"{split}-{seed}-{index:06d}",
+        "task": LISTEN_TASK,
+        "audio": audio.astype(np.float32),
+        "sampling_rate": rate,
+        "command_start": lead / rate if positive else -1.0,
+        "command_end": (lead + len(utterance)) / rate if positive else -1.0,
+        "spoken": spoken,
+        "spoken_start": lead / rate if spoken else -1.0,
+        "spoken_end": (lead + len(utterance)) / rate if spoken else -1.0,
+        "kind": kind,
+        "voice": voice,
+        "snr_db": snr if spoken else float("nan"),
+        "level_db": level,
+    }
+
+
+def duplex_generator(split: str = "train", num_examples: int = 1000, seed: int = 0, start: int = 0, **kwargs) -> Iterator[dict]:
+    """Clips ``start .. start + num_examples - 1`` of ``split`` (keywords: :func:`make_clip`'s), for
+    ``datasets.Dataset.from_generator(duplex_generator, gen_kwargs={...})``."""
+    _check_split(split)
+    for index in range(start, start + num_examples):
+        yield make_clip(split, index, seed=seed, **kwargs)
+
+
+def frame_labels(num_frames: int, command_end: float, frame_seconds: float) -> np.ndarray:
+    """Per-frame states: 0 (``n_irq``) before the tail, 1 (``irq``) from the frame in which the command ends.
+
+    Frame k holds the audio of ``[k, k + 1) * frame_seconds``; it is ``irq`` when ``command_end`` (seconds, < 0 for
+    none) falls before its end: by then the whole command has been heard.
+    """
+    ends = (np.arange(num_frames) + 1) * frame_seconds
+    if command_end < 0:
+        return np.zeros(num_frames, dtype=np.int64)
+    return (ends > command_end).astype(np.int64)
+
+
+def listen_inputs(example: dict, front_end) -> dict:
+    """An example's listening frames through ``front_end`` and their labels: ``listen_features`` (T, D) for the
+    features input or ``listen_codes`` (T, 7) for the codec input, and ``frame_labels`` (T,)."""
+    frames = front_end.frames(np.asarray(example["audio"], dtype=np.float32), int(example["sampling_rate"]))
+    labels = frame_labels(frames.shape[0], float(example["command_end"]), front_end.frame_seconds)
+    if front_end.listen_input == LISTEN_FEATURES:
+        return {"task": LISTEN_TASK, "listen_features": frames.numpy().astype(np.float32), "frame_labels": labels}
+    return {"task": LISTEN_TASK, "listen_codes": frames.numpy().astype(np.int64), "frame_labels": labels}
+
+
+class DuplexPreprocessor:
+    """A batched ``.map`` function: clips -> listening inputs through the model's front end, and frame labels.
+
+    ``dataset.map(DuplexPreprocessor(model.listen_front_end()), batched=True, remove_columns=["audio"])``; read the
+    result with ``.with_format("numpy")`` (the feature arrays are large for Python lists).
+    """
+
+    def __init__(self, front_end):
+        self.front_end = front_end
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        size = len(batch["audio"])
+        rows = [listen_inputs({k: v[i] for k, v in batch.items()}, self.front_end) for i in range(size)]
+        return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+
+
+__all__ = [
+    "CLIP_SAMPLING_RATE",
+    "COMMAND_TEXTS",
+    "NEAR_MISSES",
+    "SPLITS",
+    "ACCENTS",
+    "VARIANTS",
+    "KINDS",
+    "WORDS",
+    "split_voices",
+    "speak",
+    "background",
+    "make_clip",
+    "duplex_generator",
+    "frame_labels",
+    "listen_inputs",
+    "DuplexPreprocessor",
+]

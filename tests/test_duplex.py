@@ -1,0 +1,471 @@
+"""Duplex interruption (extension, docs/duplex.md): the listening row's ids, layout and labels, its front end, the
+model's listening adapter, the step-by-step listener, the synthetic data, and a small trained model that detects."""
+
+import numpy as np
+import pytest
+import torch
+
+from mini_omni2.duplex_mini_omni2 import MiniOmni2ListenFrontEnd, MiniOmni2Listener, codec_encoder_receptive_field
+from mini_omni2.modeling_mini_omni2 import IGNORE_INDEX
+from mini_omni2.tiny import tiny_model
+from mini_omni2.token_layout import LISTEN_TASK, TokenLayout
+from mini_omni2.training import MiniOmni2DataCollator
+from mini_omni2.training.collator import build_listen_training_row
+
+R = TokenLayout()  # the released sizes
+EOT, PAD_T, IN_T, ANS_T, ASR, IRQ, N_IRQ = 151936, 151937, 151938, 151939, 151940, 151941, 151942
+PAD_A, IN_A = 4097, 4098
+
+
+def audio_row(local_ids, layer):
+    return [c + 152000 + 4160 * layer for c in local_ids]
+
+
+# ----- ids and the listening row (docs/duplex.md, "Ids" and "The listening row") ----------------------------------
+def test_irq_and_n_irq_take_the_next_text_specials_after_asr():
+    assert (R.eot, R.pad_t, R.input_t, R.answer_t, R.asr) == (EOT, PAD_T, IN_T, ANS_T, ASR)
+    assert (R.irq, R.n_irq) == (IRQ, N_IRQ) == (R.tokenizer_vocab_size + 5, R.tokenizer_vocab_size + 6)
+    tiny = tiny_model(vision=False, codec=False).config.token_layout
+    assert (tiny.irq, tiny.n_irq) == (448 + 5, 448 + 6)
+
+
+def test_listening_row_with_codec_input_matches_the_doc_table():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [10, 20, 30, 40, 50, 60, 70]])
+    row = R.build_listen_row(frames=codes)
+    for i in range(7):
+        assert row.streams[i] == audio_row([IN_A, codes[0, i].item(), codes[1, i].item()], i)
+    assert row.streams[7] == [N_IRQ] * 3
+    assert row.listen_positions == [] and row.audio_positions == [] and row.image_positions == []
+    assert R.build_listen_prompt().streams == [audio_row([IN_A], i) for i in range(7)] + [[N_IRQ]]
+
+
+def test_listening_row_with_feature_input_matches_the_doc_table():
+    row = R.build_listen_row(num_frames=4)
+    for i in range(7):
+        assert row.streams[i] == audio_row([IN_A] + [PAD_A] * 4, i)
+    assert row.streams[7] == [N_IRQ] * 5
+    assert row.listen_positions == [1, 2, 3, 4]
+
+
+def test_listen_step_feeds_a_frame_and_the_state():
+    assert R.listen_step([5] * 7) == [5 + 152000 + 4160 * i for i in range(7)] + [N_IRQ]
+    assert R.listen_step(None) == [PAD_A + 152000 + 4160 * i for i in range(7)] + [N_IRQ]
+    assert R.listen_step(None, state=IRQ)[-1] == IRQ
+    assert R.listen_step(torch.arange(7))[:7] == [c + 152000 + 4160 * c for c in range(7)]
+    with pytest.raises(ValueError, match="irq"):
+        R.listen_step(None, state=EOT)
+    with pytest.raises(ValueError, match="codec codes"):
+        R.listen_step([4096] * 7)  # a special, not a code
+    with pytest.raises(ValueError, match="codec codes"):
+        R.listen_step([1] * 6)
+    with pytest.raises(ValueError, match="exactly one"):
+        R.build_listen_row()
+
+
+def test_the_state_is_read_from_the_two_state_logits_only():
+    logits = torch.zeros(3, R.text_vocab_size)
+    logits[:, 0] = 100.0  # any other text id is ignored
+    logits[0, IRQ], logits[0, N_IRQ] = 2.0, 1.0
+    logits[1, IRQ], logits[1, N_IRQ] = 1.0, 3.0
+    logits[2, IRQ], logits[2, N_IRQ] = 0.0, float(np.log(3.0))  # P(irq) = 1/4
+    assert R.read_listen_state(logits).tolist() == [IRQ, N_IRQ, N_IRQ]
+    assert torch.allclose(R.listen_irq_probability(logits)[2], torch.tensor(0.25))
+    assert R.read_listen_state(logits, threshold=0.2).tolist() == [IRQ, N_IRQ, IRQ]
+    with pytest.raises(ValueError, match="threshold"):
+        R.read_listen_state(logits, threshold=1.0)
+
+
+def test_listening_training_row_labels_the_states_only():
+    labels = [0, 0, 1, 1]
+    row = build_listen_training_row(R, labels)
+    # prompt, 4 frames, 1 position that holds the last label
+    assert len(row) == 6 and row.listen_positions == [1, 2, 3, 4]
+    for i in range(7):
+        assert row.input_ids[i] == audio_row([IN_A] + [PAD_A] * 5, i)
+        assert row.labels[i] == [IGNORE_INDEX] * 6
+    assert row.input_ids[7] == [N_IRQ] * 6
+    # the state of frame k is read at position k + 1 and labelled (shifted) at k + 2
+    assert row.labels[7] == [IGNORE_INDEX, IGNORE_INDEX, N_IRQ, N_IRQ, IRQ, IRQ]
+    codes = np.arange(4 * 7).reshape(4, 7) % 64
+    codec_row = build_listen_training_row(R, labels, codes=codes)
+    assert codec_row.listen_positions == [] and codec_row.labels[7] == row.labels[7]
+    assert codec_row.input_ids[3][1:5] == audio_row(codes[:, 3].tolist(), 3)
+    with pytest.raises(ValueError, match="frame labels"):
+        build_listen_training_row(R, [0, 1], codes=codes)
+    with pytest.raises(ValueError, match="0 \\(n_irq\\) or 1"):
+        build_listen_training_row(R, [0, 2])
+
+
+# ----- the collator ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def features_model():
+    return tiny_model(vision=False, codec=False, listen_input="features", seed=3)
+
+
+@pytest.fixture(scope="module")
+def codec_model():
+    return tiny_model(vision=False, codec=True, seed=4)
+
+
+def test_collator_builds_listening_rows_beside_other_rows(features_model, processor_no_vision):
+    from mini_omni2.training.data import synthetic_examples
+
+    layout = features_model.config.token_layout
+    dim = features_model.config.listen_feature_dim
+    rng = np.random.default_rng(0)
+    listen = [
+        {"task": LISTEN_TASK, "listen_features": rng.standard_normal((n, dim)).astype(np.float32), "frame_labels": labels}
+        for n, labels in ((3, [0, 0, 1]), (5, [0, 0, 0, 0, 0]))
+    ]
+    other = synthetic_examples(processor_no_vision, 1, tasks=("T1T2",))
+    batch = MiniOmni2DataCollator(processor_no_vision)(listen + other)
+    assert batch["listen_features"].shape == (3, batch["input_ids"].shape[2], dim)
+    mask = batch["listen_feature_mask"]
+    assert mask[0].nonzero().flatten().tolist() == [1, 2, 3]
+    assert mask[1].nonzero().flatten().tolist() == [1, 2, 3, 4, 5] and not mask[2].any()
+    assert torch.equal(batch["listen_features"][0, 1:4], torch.as_tensor(listen[0]["listen_features"]))
+    assert batch["labels"][0, 7, :5].tolist() == [IGNORE_INDEX, IGNORE_INDEX, layout.n_irq, layout.n_irq, layout.irq]
+    assert (batch["labels"][:2, :7] == IGNORE_INDEX).all()
+    assert batch["attention_mask"][0].sum() == 5 and batch["attention_mask"][1].sum() == 7
+    out = features_model(**batch)  # the model takes the mixed batch
+    assert out.stream_losses[7] > 0 and torch.isfinite(out.loss)
+
+
+def test_collator_computes_listening_inputs_from_raw_clips(codec_model, processor_no_vision):
+    front_end = codec_model.listen_front_end()
+    seconds = front_end.frame_seconds
+    t = np.arange(int(16000 * 6 * seconds)) / 16000
+    clip = {"task": LISTEN_TASK, "audio": (0.1 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), "sampling_rate": 16000,
+            "command_end": 3.5 * seconds}
+    collator = MiniOmni2DataCollator(processor_no_vision, listen_front_end=front_end)
+    batch = collator([clip])
+    layout = codec_model.config.token_layout
+    codes = front_end.frames(clip["audio"], 16000)
+    assert codes.shape == (6, 7) and "listen_features" not in batch
+    assert batch["input_ids"][0, :7, 1:7].tolist() == [
+        [layout.layershift(c, i) for c in codes[:, i].tolist()] for i in range(7)
+    ]
+    # the command ends inside frame 3: frames 3, 4, 5 are irq
+    assert batch["labels"][0, 7, 2:].tolist() == [layout.n_irq] * 3 + [layout.irq] * 3
+    with pytest.raises(ValueError, match="listen_front_end"):
+        MiniOmni2DataCollator(processor_no_vision)([clip])
+
+
+# ----- the streaming front end -------------------------------------------------------------------------------------
+def _chunked(front_end, audio, rate, sizes):
+    front_end.reset()
+    out, start, k = [], 0, 0
+    while start < len(audio):
+        size = sizes[k % len(sizes)]
+        out.append(front_end.feed(audio[start : start + size], rate))
+        start, k = start + size, k + 1
+    out.append(front_end.flush())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("rate", [16000, 24000, 44100])
+def test_feature_frames_of_odd_chunks_equal_the_whole_signal(features_model, rate):
+    front_end = features_model.listen_front_end()
+    audio = (np.random.default_rng(1).standard_normal(int(rate * 1.3)) * 0.1).astype(np.float32)
+    whole = front_end.frames(audio, rate)
+    assert whole.shape == (front_end.num_frames(len(audio), rate), features_model.config.listen_feature_dim)
+    padded = front_end.frames(audio, rate, pad_partial=True)  # a last partial frame only when asked for
+    assert padded.shape[0] == whole.shape[0] + 1 and torch.equal(padded[:-1], whole)
+    chunked = _chunked(front_end, audio, rate, [1, 997, 3, 4099, 2048, 17])
+    assert chunked.shape == whole.shape
+    assert torch.allclose(chunked, whole, atol=1e-5)  # STFT batching may round differently
+    # int16 PCM and stereo chunks are the same audio
+    pcm = np.round(audio * 32767).astype(np.int16)
+    assert torch.allclose(front_end.frames(pcm, rate), front_end.frames(pcm / 32768.0, rate), atol=1e-5)
+    stereo = np.stack([audio, audio], axis=1)
+    assert torch.allclose(front_end.frames(stereo, rate), whole, atol=1e-5)
+
+
+def test_feature_frames_are_causal(features_model):
+    front_end = features_model.listen_front_end()
+    audio = (np.random.default_rng(2).standard_normal(24000) * 0.1).astype(np.float32)
+    front_end.reset()
+    early = front_end.feed(audio[: 2048 * 5], 24000)  # five whole frames are out at once, without lookahead
+    assert early.shape[0] == 5
+    later = audio.copy()
+    later[2048 * 5 :] = 0.5  # the future does not change them
+    assert torch.allclose(front_end.frames(later, 24000)[:5], early, atol=1e-5)
+
+
+def test_running_mean_features_remove_the_input_level():
+    from mini_omni2.tiny import tiny_config
+
+    config = tiny_config(vision=False, codec=False, listen_input="features",
+                         listen_feature_config={"running_mean_seconds": 1.0})
+    front_end = MiniOmni2ListenFrontEnd.from_config(config)
+    audio = (np.random.default_rng(3).standard_normal(24000) * 0.05).astype(np.float32)
+    assert torch.allclose(front_end.frames(audio, 24000), front_end.frames(audio * 10, 24000), atol=1e-4)
+
+
+def test_codec_frames_of_odd_chunks_equal_a_one_shot_encode(codec_model):
+    front_end = codec_model.listen_front_end()
+    assert front_end.lookahead_frames == front_end.left_context_frames == 3  # 5,268 samples of reach, 2,048 a frame
+    assert codec_encoder_receptive_field(codec_model.codec) == 5268
+    rate = 16000
+    audio = (np.random.default_rng(4).standard_normal(int(rate * 1.5)) * 0.1).astype(np.float32)
+    import soxr
+
+    resampled = torch.from_numpy(soxr.resample(audio, rate, 24000).astype(np.float32))
+    one_shot = codec_model.codec.encode(resampled[None])[0]  # SNAC pads the last partial frame with zeros
+    chunked = _chunked(front_end, audio, rate, [5, 1024, 333, 3001])
+    assert len(resampled) % 2048 and chunked.shape[0] == one_shot.shape[0] - 1  # the partial frame is dropped
+    assert torch.equal(chunked, one_shot[:-1])
+    assert torch.equal(front_end.frames(audio, rate, pad_partial=True), one_shot)
+    # a frame is out once its lookahead has arrived
+    front_end.reset()
+    assert front_end.feed(np.zeros(24000 * 2048 * 4 // 24000, np.float32), 24000).shape[0] == 1
+
+
+def test_front_end_refuses_bad_input(features_model, codec_model):
+    front_end = features_model.listen_front_end()
+    front_end.reset()
+    front_end.feed(np.zeros(100, np.float32), 16000)
+    with pytest.raises(ValueError, match="16000 Hz"):
+        front_end.feed(np.zeros(100, np.float32), 48000)
+    with pytest.raises(ValueError, match="NaN"):
+        front_end.feed(np.array([np.nan], np.float32), 16000)
+    with pytest.raises(ValueError, match="1-D"):
+        front_end.feed(np.zeros((2, 2, 2), np.float32), 16000)
+    with pytest.raises(TypeError, match="int16"):
+        front_end.feed(np.zeros(4, np.int32), 16000)
+    front_end.flush()
+    with pytest.raises(ValueError, match="flushed"):
+        front_end.feed(np.zeros(4, np.float32), 16000)
+    with pytest.raises(ValueError, match="codec"):
+        tiny_model(vision=False, codec=False).listen_front_end()  # codec input without a codec
+
+
+# ----- the model ---------------------------------------------------------------------------------------------------
+def test_listen_projector_exists_only_for_feature_input(features_model, codec_model):
+    config = features_model.config
+    assert config.listen_input == "features" and codec_model.config.listen_input == "codec"
+    assert config.listen_feature_dim == 64 * 8  # 64 mel bins x 8 columns of 256 samples per 2,048-sample frame
+    assert features_model.model.listen_projector.fc_1.in_features == config.listen_feature_dim
+    assert codec_model.model.listen_projector is None
+    assert config.listen_frame_samples == codec_model.codec.samples_per_frame == 2048
+    ids = torch.tensor(codec_model.config.token_layout.build_listen_row(num_frames=1).streams)[None]
+    with pytest.raises(ValueError, match="no listen_projector"):
+        codec_model(input_ids=ids, listen_features=torch.zeros(1, 2, 4), listen_feature_mask=torch.ones(1, 2))
+
+
+def test_listen_features_replace_the_audio_stream_embeddings_at_their_positions(features_model):
+    layout = features_model.config.token_layout
+    row = layout.build_listen_row(num_frames=3)
+    ids = torch.tensor(row.streams)[None]
+    features = torch.randn(1, 4, features_model.config.listen_feature_dim)
+    mask = torch.tensor([[False, True, True, True]])
+    inner = features_model.model
+    embeds = inner.embed(ids, listen_features=features, listen_feature_mask=mask)
+    plain = inner.embed(ids)
+    assert torch.equal(embeds[0, 0], plain[0, 0])  # the prompt position takes no features
+    table = inner.get_input_embeddings()
+    expected = (7 * inner.listen_projector(features[0, 2]) + table(ids[0, 7, 2])) / 8
+    assert torch.allclose(embeds[0, 2], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        inner.embed(ids, listen_features=features[:, :2], listen_feature_mask=mask)
+    with pytest.raises(ValueError, match="together"):
+        inner.embed(ids, listen_features=features)
+
+
+def test_a_features_model_saves_and_loads(features_model, tmp_path):
+    from mini_omni2 import MiniOmni2ForConditionalGeneration
+
+    features_model.save_pretrained(tmp_path)
+    loaded = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.listen_input == "features"
+    assert loaded.config.listen_feature_config == features_model.config.listen_feature_config
+    for name, tensor in features_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert (tmp_path / "duplex_mini_omni2.py").exists()  # the front end ships with the remote code
+
+
+# ----- the listener: step by step with a cache, as the engine runs the row --------------------------------------
+def _teacher_forced(model, frames):
+    layout = model.config.token_layout
+    if model.config.listen_input == "features":
+        row = layout.build_listen_row(num_frames=frames.shape[1])
+        ids = torch.tensor(row.streams)[None].repeat(frames.shape[0], 1, 1)
+        features = torch.zeros(frames.shape[0], ids.shape[2], frames.shape[2])
+        features[:, row.listen_positions] = frames
+        mask = torch.zeros(frames.shape[0], ids.shape[2], dtype=torch.bool)
+        mask[:, row.listen_positions] = True
+        kwargs = {"listen_features": features, "listen_feature_mask": mask}
+    else:
+        ids = torch.stack([torch.tensor(layout.build_listen_row(frames=f).streams) for f in frames])
+        kwargs = {}
+    with torch.no_grad():
+        logits = model(input_ids=ids, **kwargs).text_logits[:, 1:]
+    return layout.listen_irq_probability(logits)
+
+
+@pytest.mark.parametrize("kind", ["features", "codec"])
+def test_listener_steps_equal_the_whole_row(kind, features_model, codec_model):
+    model = features_model if kind == "features" else codec_model
+    if kind == "features":
+        frames = torch.randn(2, 9, model.config.listen_feature_dim)
+    else:
+        frames = torch.randint(0, model.config.audio_codebook_size, (2, 9, 7))
+    stepped = MiniOmni2Listener(model).run(frames)
+    assert stepped.shape == (2, 9)
+    assert torch.allclose(stepped, _teacher_forced(model, frames), atol=1e-5)
+
+
+def test_listener_window_restarts_with_the_last_frames(features_model):
+    frames = torch.randn(1, 10, features_model.config.listen_feature_dim)
+    windowed = MiniOmni2Listener(features_model, window_frames=6, refeed_frames=2).run(frames)
+    assert torch.allclose(windowed[:, :6], _teacher_forced(features_model, frames[:, :6]), atol=1e-5)
+    # after 6 frames: a fresh row that heard frames 4, 5 again, then 6..9
+    assert torch.allclose(windowed[:, 6:], _teacher_forced(features_model, frames[:, 4:])[:, 2:], atol=1e-5)
+    with pytest.raises(ValueError, match="refeed_frames"):
+        MiniOmni2Listener(features_model, window_frames=3, refeed_frames=3)
+
+
+# ----- the synthetic data --------------------------------------------------------------------------------------------
+def test_clips_are_deterministic_and_labelled():
+    from mini_omni2.training.duplex_data import COMMAND_TEXTS, NEAR_MISSES, frame_labels, make_clip
+
+    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0), kinds=("white",))
+    clips = [make_clip("train", i, seed=7, **short) for i in range(6)]
+    again = make_clip("train", 0, seed=7, **short)
+    assert np.array_equal(clips[0]["audio"], again["audio"]) and clips[0]["voice"] == again["voice"]
+    assert not np.array_equal(clips[0]["audio"][:8000], make_clip("train", 0, seed=8, **short)["audio"][:8000])
+    for clip in clips:
+        assert clip["task"] == LISTEN_TASK and clip["sampling_rate"] == 16000 and clip["audio"].dtype == np.float32
+        if clip["command_end"] >= 0:
+            assert clip["spoken"] in COMMAND_TEXTS and 0.5 <= clip["command_start"] < clip["command_end"]
+            assert clip["command_end"] + 0.5 <= len(clip["audio"]) / 16000 + 1e-6  # then a tail
+        else:
+            assert clip["spoken"] in NEAR_MISSES + ("",) and clip["command_start"] == -1.0
+    assert {c["command_end"] >= 0 for c in clips} == {True, False}
+    # n_irq before the tail, irq from the frame in which the command ends
+    assert frame_labels(5, 0.2, 0.1).tolist() == [0, 0, 1, 1, 1]
+    assert frame_labels(5, 0.15, 0.1).tolist() == [0, 1, 1, 1, 1]
+    assert frame_labels(3, -1.0, 0.1).tolist() == [0, 0, 0]
+
+
+def test_test_split_holds_voices_words_and_noises_never_used_in_training():
+    from mini_omni2.training.duplex_data import ACCENTS, KINDS, VARIANTS, WORDS, split_voices
+
+    assert not set(split_voices("train")) & set(split_voices("test"))
+    assert not set(ACCENTS["train"]) & set(ACCENTS["test"]) and not set(VARIANTS["train"]) & set(VARIANTS["test"])
+    assert not set(WORDS["train"]) & set(WORDS["test"])
+    assert set(KINDS["test"]) - set(KINDS["train"]) == {"pink", "chords"}
+    with pytest.raises(ValueError, match="split"):
+        split_voices("dev")
+
+
+def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):
+    import datasets
+
+    from mini_omni2.training.duplex_data import DuplexPreprocessor, duplex_generator
+
+    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0), kinds=("white",))
+    clips = datasets.Dataset.from_generator(
+        duplex_generator, gen_kwargs={"split": "test", "num_examples": 3, "seed": 1, **short}, keep_in_memory=True
+    )
+    assert len(clips) == 3 and clips[0]["id"] == "test-1-000000"
+    front_end = features_model.listen_front_end()
+    listen = clips.map(DuplexPreprocessor(front_end), batched=True, remove_columns=["audio"]).with_format("numpy")
+    row = listen[0]
+    assert row["listen_features"].shape == (len(row["frame_labels"]), features_model.config.listen_feature_dim)
+    batch = MiniOmni2DataCollator(processor_no_vision)([listen[i] for i in range(3)])
+    assert batch["listen_feature_mask"].sum() == sum(len(listen[i]["frame_labels"]) for i in range(3))
+
+
+# ----- a small model learns it (trained here: nothing pre-trained is shipped) ----------------------------------------
+def test_a_small_trained_model_detects_the_command_on_held_out_clips(tmp_path):
+    """~15 s: a tiny model trains for 150 steps on 160 easy clips (noise and tones, 10-20 dB, no near misses), then
+    runs held-out clips (unheard voices; pink noise and chords, never heard) step by step: the command is detected in
+    each, and pink noise alone does not interrupt. The full proof is benchmarks/bench_duplex.py."""
+    from mini_omni2 import MiniOmni2ForConditionalGeneration
+    from mini_omni2.tiny import tiny_processor
+    from mini_omni2.training.duplex import (
+        duplex_tiny_config,
+        evaluate_listener,
+        listener_probabilities,
+        prepare_listen_examples,
+        train_listener,
+    )
+    from mini_omni2.training.duplex_data import make_clip
+
+    torch.manual_seed(0)
+    model = MiniOmni2ForConditionalGeneration(duplex_tiny_config(adapter_intermediate_size=128))
+    front_end = model.listen_front_end()
+    easy = dict(positive_fraction=0.5, near_miss_fraction=0.0, lead_seconds=(0.5, 2.0), tail_seconds=(0.5, 1.5),
+                negative_seconds=(2.0, 3.5), snr_db=(10.0, 20.0))
+    keep = ("command_start", "command_end", "spoken", "kind")
+    train = [make_clip("train", i, seed=1, kinds=("white", "brown", "tones"), **easy) for i in range(160)]
+    held_out = [  # 3 commands over pink noise or chords, then 2 clips of pink noise alone
+        make_clip("test", i, seed=1, kinds=kinds, **{**easy, "tail_seconds": (2.0, 2.5), "positive_fraction": fraction})
+        for i, kinds, fraction in [(0, ("pink", "chords"), 1.0), (1, ("pink", "chords"), 1.0),
+                                   (2, ("pink", "chords"), 1.0), (3, ("pink",), 0.0), (4, ("pink",), 0.0)]
+    ]
+    assert [c["command_end"] >= 0 for c in held_out] == [True] * 3 + [False] * 2
+    train_listener(model, tiny_processor(vision=False), prepare_listen_examples(train, front_end), str(tmp_path),
+                   max_steps=150, batch_size=16, learning_rate=3e-3, warmup_steps=10, logging_steps=1000)
+    test = prepare_listen_examples(held_out, front_end, keep)
+    probabilities = listener_probabilities(model, test)
+    result = evaluate_listener(model, test, probabilities=probabilities)
+    assert result["positives"] == 3 and result["detection"] == 1.0, probabilities
+    assert result["false_interrupts"] == 0, probabilities
+    assert result["median_delay_ms"] < 500
+
+
+def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
+    """The code path of ``bench_duplex.py --cost`` (timed for real on the decoding engine, not here)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_duplex.py"
+    spec = importlib.util.spec_from_file_location("bench_duplex", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for model in (features_model, codec_model):
+        row = bench.listen_cost(model, speaking_rows=2, context=8, steps=2, warmup=1)
+        assert row["listen_input"] == model.config.listen_input
+        assert row["steps_per_s_without"] > 0 and row["steps_per_s_with_listening_row"] > 0
+        assert row["front_end_ms_per_frame"] > 0 and abs(row["realtime_steps_per_s"] - 24000 / 2048) < 1e-9
+
+
+REMOTE_LISTENER = '''
+import sys, json
+class BlockMiniOmni2:
+    def find_spec(self, name, path=None, target=None):
+        if name == "mini_omni2" or name.startswith("mini_omni2."):
+            raise ImportError("mini_omni2 is not installed here")
+sys.meta_path.insert(0, BlockMiniOmni2())
+import numpy as np, torch
+from transformers import AutoModelForMultimodalLM
+model = AutoModelForMultimodalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+front_end = model.listen_front_end()
+t = np.arange(16000) / 16000
+frames = front_end.frames((0.1 * np.sin(2 * np.pi * 440 * t)).astype("float32"), 16000)
+listener = sys.modules[type(front_end).__module__].MiniOmni2Listener(model)
+print(json.dumps({"module": type(front_end).__module__, "p": listener.run(frames[None]).tolist()}))
+'''
+
+
+def test_the_listening_row_runs_from_remote_code(features_model, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    features_model.save_pretrained(tmp_path / "model")
+    script = tmp_path / "listen.py"
+    script.write_text(REMOTE_LISTENER)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "model")], cwd=tmp_path, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules")
+    t = np.arange(16000) / 16000
+    frames = features_model.listen_front_end().frames((0.1 * np.sin(2 * np.pi * 440 * t)).astype("float32"), 16000)
+    expected = MiniOmni2Listener(features_model).run(frames[None])
+    assert torch.allclose(torch.tensor(report["p"]), expected, atol=1e-5)
