@@ -7,7 +7,7 @@ from .modeling_mini_omni2 import (
     MiniOmni2Model,
     MiniOmni2PreTrainedModel,
 )
-from .duplex_mini_omni2 import MiniOmni2ListenFrontEnd, MiniOmni2Listener
+from .duplex_mini_omni2 import DuplexEvent, DuplexSession, MiniOmni2ListenFrontEnd, MiniOmni2Listener
 from .generation_mini_omni2 import MiniOmni2GenerateOutput, release_generation_config
 from .processing_mini_omni2 import MiniOmni2Processor
 from .pipeline_mini_omni2 import MiniOmni2Pipeline
@@ -33,6 +33,8 @@ __all__ = [
     "MiniOmni2IteratorStreamer",
     "MiniOmni2ListenFrontEnd",
     "MiniOmni2Listener",
+    "DuplexSession",
+    "DuplexEvent",
     "MiniOmni2DataCollator",
     "configure_stage",
     "release_generation_config",

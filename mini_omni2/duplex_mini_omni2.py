@@ -9,7 +9,10 @@ step (one codec frame = 2,048 samples at 24 kHz = 85.3 ms = one step) and its te
   log-mel feature vectors (``listen_input="features"``, for the model's ``listen_projector``) or the codec's 7 codes
   (``listen_input="codec"``, SNAC's encoder run on windows with context, so the codes equal a one-shot encode);
 - :class:`MiniOmni2Listener`: runs listening rows alone, one step per frame with a KV cache, exactly as a decoding
-  engine runs them beside the speaking rows (the reference for the engine, and what the benchmark evaluates).
+  engine runs them beside the speaking rows (the reference for the engine, and what the benchmark evaluates);
+- :class:`DuplexSession`: a spoken conversation on the decoding engine: microphone chunks in, text deltas, speech
+  chunks and events (``speaking``, ``interrupted``, ``listening``) out; its listening row is the engine's
+  :class:`~.engine_mini_omni2.ListenGroup`.
 
 Shipped as remote code: imports only torch, transformers, numpy and siblings; soxr (librosa's resampler, installed
 with it) is imported only when a stream's rate differs from the codec's.
@@ -18,13 +21,18 @@ with it) is imported only when a stream's rate differs from the codec's.
 from __future__ import annotations
 
 import math
-from typing import Any
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .token_layout import LISTEN_CODEC, LISTEN_FEATURES, LISTEN_INPUTS, TokenLayout
+from .engine_mini_omni2 import DecodeGroup, DecodeSettings, EngineGroup, ListenGroup, ListenRule, MiniOmni2Engine
+from .engine_mini_omni2 import output_kinds
+from .streaming_mini_omni2 import MiniOmni2Streamer, StreamEvent
+from .token_layout import LISTEN_CODEC, LISTEN_FEATURES, LISTEN_INPUTS, OUTPUT_SPEECH, TokenLayout
 
 #: Whisper's log-mel scaling without its per-clip maximum (not causal): ``(log10(max(mel, 1e-10)) + 4) / 4``.
 LOG_MEL_FLOOR = 1e-10
@@ -397,4 +405,231 @@ class MiniOmni2Listener:
         return torch.stack(probabilities, dim=1) if probabilities else torch.zeros(frames.shape[0], 0)
 
 
-__all__ = ["MiniOmni2ListenFrontEnd", "MiniOmni2Listener", "codec_encoder_receptive_field"]
+# ----------------------------------------------------------------------------------------------------------------
+# a duplex conversation on the decoding engine
+# ----------------------------------------------------------------------------------------------------------------
+#: The kinds of :class:`DuplexEvent`.
+DUPLEX_EVENTS = ("speaking", "text", "audio", "interrupted", "listening")
+
+
+@dataclass
+class DuplexEvent:
+    """What a :class:`DuplexSession` reports.
+
+    Args:
+        type: ``"speaking"`` (an answer started), ``"text"`` (a text delta), ``"audio"`` (a speech chunk),
+            ``"interrupted"`` (the listening row committed to ``irq``: the answer stops here) or ``"listening"``
+            (the session listens again; ``reason``: ``"finished"`` once the answer has been heard to its end,
+            ``"interrupted"``, ``"cancelled"`` or ``"error"``).
+        text, token_ids: a text delta.
+        audio, sampling_rate: a speech chunk (1-D float32).
+        frame: ``interrupted``: the microphone frame (since the answer started) whose P(irq) committed the row.
+        step: ``interrupted``: the decoding step of the answer that was cut (``None``: it had ended already and the
+            interruption stops its playback).
+        probability: ``interrupted``: that frame's P(irq).
+        error: ``listening`` after an ``"error"``.
+    """
+
+    type: str
+    text: str | None = None
+    token_ids: list[int] | None = None
+    audio: torch.Tensor | None = None
+    sampling_rate: int | None = None
+    frame: int | None = None
+    step: int | None = None
+    probability: float | None = None
+    reason: str | None = None
+    error: BaseException | None = None
+
+
+class _SessionStreamer(MiniOmni2Streamer):
+    """The answer's stream events, forwarded to the session."""
+
+    def __init__(self, session: "DuplexSession", tokenizer: Any, **kwargs: Any):
+        super().__init__(tokenizer, **kwargs)
+        self.session = session
+
+    def on_event(self, event: StreamEvent) -> None:
+        self.session.on_answer_event(event)
+
+
+class DuplexSession:
+    """A spoken conversation with interruption ("stop omni", docs/duplex.md), on the decoding engine.
+
+    :meth:`respond` starts a spoken answer (a :class:`~.engine_mini_omni2.DecodeGroup`) and, beside it, a listening
+    row (:class:`~.engine_mini_omni2.ListenGroup`) that hears what :meth:`feed` gives it: microphone chunks of any
+    size and rate, through the model's streaming front end (:meth:`MiniOmni2Model.listen_front_end`). Each frame of
+    the microphone is one listening step; when the row commits to ``irq`` (:class:`~.engine_mini_omni2.ListenRule`)
+    the answer's rows are cancelled in that same step and nothing generated after it is streamed. The row keeps
+    listening after the answer's last step until it has heard as many frames as the answer spoke (one frame of
+    speech = one frame of microphone = 85.3 ms): the answer is still playing until then, and "stop omni" may still
+    stop its playback.
+
+    Events (:class:`DuplexEvent`) go to ``on_event`` (called from the thread that steps the engine) or are collected
+    for :meth:`events`.
+
+    Args:
+        model: a model with a listening row (``listen_input`` "features" needs its trained ``listen_projector``).
+        tokenizer: decodes text deltas (the processor or its tokenizer; ``None``: token ids only).
+        engine: the decoding engine to run on (default: a new one, stepped by :meth:`step`). A server passes its own
+            and steps it in its thread; then give ``submit`` too.
+        rule: when the row commits to ``irq`` (default: P(irq) >= 0.5 on one frame).
+        settings: the answer's :class:`~.engine_mini_omni2.DecodeSettings` (default: the release's sampling).
+        on_event: receives every event instead of :meth:`events`.
+        submit: hands groups to the engine (default ``engine.add``; a server's worker queues them for its thread).
+        streamer_kwargs: options of the answer's :class:`~.streaming_mini_omni2.MiniOmni2Streamer`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Any = None,
+        engine: MiniOmni2Engine | None = None,
+        rule: ListenRule | None = None,
+        settings: DecodeSettings | None = None,
+        on_event: Callable[[DuplexEvent], None] | None = None,
+        submit: Callable[[EngineGroup], None] | None = None,
+        streamer_kwargs: dict | None = None,
+    ) -> None:
+        self.model = model
+        self.config = model.config
+        self.layout: TokenLayout = self.config.token_layout
+        self.tokenizer = tokenizer
+        self.engine = engine if engine is not None else MiniOmni2Engine(model)
+        self.rule = rule or ListenRule()
+        self.settings = settings
+        self.on_event = on_event
+        self.submit = submit or self.engine.add
+        self.streamer_kwargs = dict(streamer_kwargs or {})
+        self.front_end = model.listen_front_end()
+        self.speaking_group: EngineGroup | None = None
+        self.listen_group: ListenGroup | None = None
+        self.spoken_frames = 0  # frames of speech streamed by the current answer
+        self.state = "listening"
+        self._events: list[DuplexEvent] = []
+        self._lock = threading.Lock()
+        self._feed_lock = threading.Lock()  # the front end: fed by one thread, reset by the engine's at respond()
+
+    # ----- answers ---------------------------------------------------------------------------------------------------
+    def respond(self, inputs: dict[str, torch.Tensor], settings: DecodeSettings | None = None,
+                speaking: EngineGroup | None = None) -> EngineGroup:
+        """Start a spoken answer to ``inputs`` (the processor's output for one request with a speech answer), and
+        its listening row. A server that builds the answer's group itself passes it as ``speaking`` (then
+        ``inputs`` is ignored). Returns the answer's group."""
+        if self.state != "listening":
+            raise RuntimeError("the session is already answering: cancel() it or wait for its 'listening' event")
+        if speaking is None:
+            input_ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+            if input_ids is None or input_ids.ndim != 3 or input_ids.shape[0] != 1:
+                raise ValueError("respond takes the inputs of one request (input_ids of shape (1, 8, seq))")
+            kinds = output_kinds(self.layout, input_ids)
+            if kinds[0] != OUTPUT_SPEECH:
+                raise ValueError(f"a duplex answer is spoken: the prompt asks for a {kinds[0]} answer; build it with "
+                                 "a speech-out task (e.g. A1A2, T1A2)")
+            streamer = _SessionStreamer(self, self.tokenizer, **self.streamer_kwargs)
+            speaking = DecodeGroup(self.layout, dict(inputs), settings or self.settings or DecodeSettings(),
+                                   streamer=streamer, codec=getattr(self.model, "codec", None))
+        self.speaking_group = speaking
+        self.spoken_frames = 0
+        with self._feed_lock:
+            self.front_end.reset()  # the row hears the microphone from the answer's start
+        self.listen_group = ListenGroup(self.model, speaking=speaking, rule=self.rule, on_interrupt=self._interrupted)
+        self.state = "speaking"
+        self._emit(DuplexEvent("speaking"))
+        self.submit(self.listen_group)  # first: it advances before its speaking rows anyway, and joins with them
+        self.submit(speaking)
+        return speaking
+
+    def cancel(self) -> None:
+        """Stop the answer and its listening row at the next step boundary (``listening`` with reason
+        ``"cancelled"``)."""
+        if self.state == "listening":
+            return
+        for group in (self.speaking_group, self.listen_group):
+            if group is not None and not group.done:
+                group.cancel()
+        self._back_to_listening("cancelled")
+
+    # ----- the microphone ------------------------------------------------------------------------------------------
+    def feed(self, chunk: Any, sampling_rate: int) -> int:
+        """Microphone audio (any size and rate; float or int16; mono or (samples, channels)). While an answer plays,
+        its complete frames go to the listening row; otherwise nobody hears them (the front end restarts with each
+        answer, so the row hears the microphone from the answer's start). Returns the frames completed by the chunk."""
+        with self._feed_lock:
+            frames = self.front_end.feed(chunk, sampling_rate)
+            listen = self.listen_group
+            if len(frames) and listen is not None and not listen.done and self.state == "speaking":
+                listen.push(frames)
+        self.poll()
+        return len(frames)
+
+    # ----- running -------------------------------------------------------------------------------------------------
+    def step(self) -> list[DuplexEvent]:
+        """One engine step when there is something to compute (the session's own engine), then the events since the
+        last call (when no ``on_event`` takes them)."""
+        if self.engine.has_work() and not self.engine.idle:
+            self.engine.step()
+        self.poll()
+        return self.events()
+
+    def poll(self) -> None:
+        """Act on the groups' state: a failed answer, and the end of listening once the answer has been heard."""
+        speaking, listen = self.speaking_group, self.listen_group
+        if self.state != "speaking" or speaking is None or listen is None:
+            return
+        if speaking.error is not None:
+            listen.finish()
+            self._back_to_listening("error", speaking.error)
+        elif listen.error is not None:
+            self._back_to_listening("error", listen.error)
+        elif speaking.done and listen.interrupted_at is None and listen.heard >= self.spoken_frames:
+            listen.finish()
+            self._back_to_listening("finished")
+
+    def events(self) -> list[DuplexEvent]:
+        """The events collected since the last call (empty with ``on_event``)."""
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    # ----- callbacks (the engine's thread) -------------------------------------------------------------------------
+    def on_answer_event(self, event: StreamEvent) -> None:
+        """A stream event of the answer (``_SessionStreamer``; a server's own streamer may call it too)."""
+        self.track_answer(event)
+        if event.text or event.token_ids:
+            self._emit(DuplexEvent("text", text=event.text, token_ids=list(event.token_ids)))
+        if event.audio is not None and event.audio.numel():
+            self._emit(DuplexEvent("audio", audio=event.audio, sampling_rate=event.sampling_rate))
+
+    def track_answer(self, event: StreamEvent) -> None:
+        """Count the answer's streamed frames of speech (the listening row listens until it has heard as many)."""
+        if event.frames is not None:
+            self.spoken_frames += int(event.frames.shape[0])
+
+    def _interrupted(self, listen: ListenGroup) -> None:
+        if listen is not self.listen_group or self.state != "speaking":
+            return
+        self._emit(DuplexEvent("interrupted", frame=listen.interrupted_at, step=listen.interrupted_step,
+                               probability=listen.probabilities[-1]))
+        self._back_to_listening("interrupted")
+
+    def _back_to_listening(self, reason: str, error: BaseException | None = None) -> None:
+        self.state = "listening"
+        self._emit(DuplexEvent("listening", reason=reason, error=error))
+
+    def _emit(self, event: DuplexEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+            return
+        with self._lock:
+            self._events.append(event)
+
+
+__all__ = [
+    "MiniOmni2ListenFrontEnd",
+    "MiniOmni2Listener",
+    "DuplexSession",
+    "DuplexEvent",
+    "DUPLEX_EVENTS",
+    "codec_encoder_receptive_field",
+]

@@ -16,6 +16,7 @@ This file is shipped as remote code with saved models: it imports only torch, tr
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
@@ -372,6 +373,8 @@ class EngineGroup:
     """
 
     _ids = itertools.count()
+    #: advance before the groups that do not (a listening row: its ``irq`` cancels its speaking rows in the same step)
+    advance_first = False
 
     def __init__(self, num_slots: int) -> None:
         self.id = next(self._ids)
@@ -394,6 +397,9 @@ class EngineGroup:
         return []
 
     # ----- per step -------------------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Called by the engine before it collects a decoding step's inputs (a listening row takes its frame)."""
+
     def text_slots(self) -> list[int]:
         """Live slots whose text logits the next :meth:`advance` uses (sorted)."""
         return []
@@ -417,6 +423,10 @@ class EngineGroup:
     def waiting(self) -> list[bool]:
         """Per live row: True if it does not advance at the next step (no new input yet)."""
         return [False] * len(self.live)
+
+    def is_idle(self) -> bool:
+        """True while every row of the group would wait at the next step (no input has arrived)."""
+        return False
 
     def dropped_slots(self) -> list[int]:
         """Live slots that leave the engine now (finished, cancelled or no longer needed)."""
@@ -842,6 +852,11 @@ class MiniOmni2Engine:
     def has_work(self) -> bool:
         return bool(self.groups or self.pending)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to compute until new input arrives: no waiting group, and every admitted row waits."""
+        return not self.pending and all(g.is_idle() for g in self.groups)
+
     # ----- one step ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
@@ -861,7 +876,9 @@ class MiniOmni2Engine:
                 group.fail(error)
             self._reset()
             raise
-        for group in self.groups:
+        for group in sorted(self.groups, key=lambda g: not g.advance_first):
+            if group.done:  # ended during this step (a listening row's irq cancelled it): nothing more is streamed
+                continue
             text, audio = scores.get(group.id, ({}, {}))
             try:
                 group.advance(_stack(text, group.text_slots()), _stack(audio, group.audio_slots()))
@@ -913,9 +930,14 @@ class MiniOmni2Engine:
         return scores
 
     def _decode(self) -> Scores:
-        """The decoding forward of the admitted rows: each row's next input at one new cache position."""
+        """The decoding forward of the admitted rows: each row's next input at one new cache position. No forward
+        when every row waits (a listening row alone, between microphone frames)."""
+        for g in self.groups:
+            g.begin_step()
         ids = torch.cat([g.next_ids() for g in self.groups], dim=0)[:, :, None]
         waiting = torch.tensor([w for g in self.groups for w in g.waiting()], dtype=torch.bool, device=ids.device)
+        if bool(waiting.all()):
+            return {}
         advancing = (~waiting).long()
         if self.static_cache_len is not None:
             mask = self.mask
@@ -1075,6 +1097,163 @@ class MiniOmni2Engine:
         self.cache = self.mask = self.positions = None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the duplex listening row (extension, docs/duplex.md)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ListenRule:
+    """When a listening row commits to ``irq``: P(irq) >= ``threshold`` (the softmax over the two state logits,
+    :meth:`TokenLayout.listen_irq_probability`) on ``min_frames`` consecutive frames. ``0.5, 1`` is the argmax."""
+
+    threshold: float = 0.5
+    min_frames: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
+        if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 1:
+            raise ValueError(f"min_frames must be an int >= 1, got {self.min_frames!r}")
+
+    def first_irq(self, probabilities) -> int | None:
+        """The frame at which a row with these P(irq) per frame commits to ``irq`` (None: never)."""
+        run = 0
+        for k, p in enumerate(probabilities):
+            run = run + 1 if float(p) >= self.threshold else 0
+            if run >= self.min_frames:
+                return k
+        return None
+
+
+class ListenGroup(EngineGroup):
+    """One duplex listening row (docs/duplex.md): it hears the microphone while ``speaking`` (a group) answers.
+
+    Its prompt is :meth:`TokenLayout.build_listen_prompt`; each step it is fed one frame of the incoming audio
+    (:meth:`push`; features (dim,) through the model's ``listen_projector``, or the codec's 7 codes) with the state
+    ``n_irq`` (:meth:`TokenLayout.listen_step`), and its text logits give P(irq) for that frame. Without a new frame
+    the row waits (it takes no step; the speaking rows go on). When :attr:`rule` commits to ``irq`` the row cancels
+    ``speaking`` at once, in the same step (the engine advances listening rows first and skips a group that ended, so
+    nothing generated at or after that step is streamed), calls ``on_interrupt(self)`` and ends. :meth:`finish` ends
+    it without an interruption.
+
+    Args:
+        model: the model (its ``listen_input`` says what a frame is).
+        speaking: the group it may interrupt (``None``: only report).
+        rule: :class:`ListenRule`.
+        on_interrupt: called from the engine's step when the row commits to ``irq``.
+    """
+
+    advance_first = True
+
+    def __init__(
+        self,
+        model,
+        speaking: EngineGroup | None = None,
+        rule: ListenRule | None = None,
+        on_interrupt: Callable[["ListenGroup"], None] | None = None,
+    ) -> None:
+        super().__init__(1)
+        config = model.config
+        self.model = model
+        self.layout: TokenLayout = config.token_layout
+        self.features = config.listen_input == "features"
+        self.feature_dim = config.listen_feature_dim
+        self.speaking = speaking
+        self.rule = rule or ListenRule()
+        self.on_interrupt = on_interrupt
+        self.device = next(model.parameters()).device
+        self._frames: collections.deque[torch.Tensor] = collections.deque()  # appended by any thread
+        self._feeding: torch.Tensor | None = None
+        self._run = 0
+        self._stop = False
+        self.heard = 0  # frames consumed
+        self.probabilities: list[float] = []
+        self.interrupted_at: int | None = None  # the frame whose P(irq) committed the row
+        self.interrupted_step: int | None = None  # the speaking group's step that was cut (its step_count)
+
+    # ----- input ----------------------------------------------------------------------------------------------------
+    def push(self, frames: torch.Tensor) -> None:
+        """Queue frames of the incoming audio, as :class:`~.duplex_mini_omni2.MiniOmni2ListenFrontEnd` gives them:
+        (n, feature_dim) float features or (n, 7) codes. Safe to call from another thread than the engine's."""
+        frames = torch.as_tensor(frames)
+        if frames.ndim == 1:
+            frames = frames[None]
+        width = self.feature_dim if self.features else self.layout.num_audio_layers
+        if frames.ndim != 2 or frames.shape[1] != width:
+            kind = "feature vectors" if self.features else "codec frames"
+            raise ValueError(f"listening frames must be {kind} of shape (n, {width}), got {tuple(frames.shape)}")
+        for frame in frames:
+            if not self.features:
+                self.layout.listen_step(frame)  # 7 codes in range, or a clear error
+            self._frames.append(frame.detach().cpu())
+
+    @property
+    def backlog(self) -> int:
+        """Frames pushed but not heard yet."""
+        return len(self._frames)
+
+    def finish(self) -> None:
+        """End the row at the next step boundary, without an interruption (safe from any thread)."""
+        self._stop = True
+
+    # ----- EngineGroup --------------------------------------------------------------------------------------------------
+    def prefill_inputs(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor(self.layout.build_listen_prompt().streams, dtype=torch.long, device=self.device)[None]
+        return model.model.embed(ids), torch.ones(1, ids.shape[-1], dtype=torch.long, device=self.device)
+
+    def begin_step(self) -> None:
+        self._feeding = self._frames.popleft() if self._frames and not self._stop else None
+
+    def waiting(self) -> list[bool]:
+        return [self._feeding is None]
+
+    def is_idle(self) -> bool:
+        return not self._frames and not self._stop
+
+    def text_slots(self) -> list[int]:
+        return [0] if self._feeding is not None else []
+
+    def next_ids(self) -> torch.Tensor:
+        frame = self._feeding if (self._feeding is not None and not self.features) else None
+        return torch.tensor([self.layout.listen_step(frame)], dtype=torch.long, device=self.device)
+
+    def next_embeds(self) -> dict[int, torch.Tensor]:
+        if self._feeding is None or not self.features:
+            return {}
+        ids = self.next_ids()[:, :, None]
+        features = self._feeding.to(self.device, torch.float32)[None, None]
+        mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
+        return {0: self.model.model.embed(ids, listen_features=features, listen_feature_mask=mask)[0, 0]}
+
+    def advance(self, text_scores: torch.Tensor | None, audio_scores: torch.Tensor | None) -> None:
+        if self._feeding is None or text_scores is None:
+            return
+        self._feeding = None
+        probability = float(self.layout.listen_irq_probability(text_scores[0]))
+        self.probabilities.append(probability)
+        self.heard += 1
+        self._run = self._run + 1 if probability >= self.rule.threshold else 0
+        if self._run >= self.rule.min_frames:
+            self._interrupt()
+
+    def _interrupt(self) -> None:
+        self.interrupted_at = self.heard - 1
+        speaking = self.speaking
+        if speaking is not None and not speaking.done:
+            self.interrupted_step = getattr(speaking, "step_count", None)
+            speaking.cancel()
+            speaking.apply_cancellations()  # every request of it ends now, its streams without what is still pending
+        self.done = True
+        if self.on_interrupt is not None:
+            self.on_interrupt(self)
+
+    def cancel(self, request: int | None = None) -> None:
+        self._stop = True
+
+    def apply_cancellations(self) -> None:
+        if self._stop:
+            self.done = True
+
+
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     """Zeros on the left of ``dim`` up to ``length`` (embeddings, masks, cache states)."""
     missing = length - tensor.shape[dim]
@@ -1093,6 +1272,8 @@ __all__ = [
     "MiniOmni2Engine",
     "EngineGroup",
     "DecodeGroup",
+    "ListenGroup",
+    "ListenRule",
     "DecodeSettings",
     "Sampling",
     "MiniOmni2GenerateOutput",

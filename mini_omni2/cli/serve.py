@@ -37,17 +37,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="decode speech without SNAC's learned noise (deterministic audio)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight answers get to finish at shutdown (default 30)")
+    parser.add_argument("--duplex", action="store_true",
+                        help="spoken realtime answers listen for 'stop omni' and stop when the model hears it "
+                             "(needs a model whose listening row was trained, docs/duplex.md)")
+    parser.add_argument("--duplex-threshold", type=float, default=0.5,
+                        help="P(irq) that commits an interruption (default 0.5)")
+    parser.add_argument("--duplex-min-frames", type=int, default=1,
+                        help="consecutive frames (85 ms each) at the threshold before it commits (default 1)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return parser
 
 
 def build_app(args: argparse.Namespace):
     """Load the model and build the application (split from :func:`run_serve` for tests)."""
+    from ..engine_mini_omni2 import ListenRule
     from ..serving.app import create_app
 
+    duplex = ListenRule(args.duplex_threshold, args.duplex_min_frames) if args.duplex else None
     random_weights = args.model == TINY_RANDOM
     if random_weights:
         warn_tiny_random(" (use it to try the server, not the model)")
+        if duplex is not None:
+            print("warning: --duplex with random weights: the listening row interrupts answers at random",
+                  file=sys.stderr, flush=True)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, processor = load(args.model, args.device, args.dtype)
     print(describe(model), file=sys.stderr, flush=True)
@@ -56,7 +68,7 @@ def build_app(args: argparse.Namespace):
         model, processor, args.served_model_name or args.model,
         max_batch_rows=args.max_batch_rows, max_queue=args.max_queue, codec_noise=not args.no_codec_noise,
         default_max_tokens=max_tokens, max_history_positions=args.max_history, random_weights=random_weights,
-        shutdown_timeout=args.shutdown_timeout,
+        shutdown_timeout=args.shutdown_timeout, duplex=duplex,
     )
 
 
@@ -71,7 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         app = build_app(args)
-    except ModelLoadError as error:
+    except (ModelLoadError, ValueError) as error:  # ValueError: a bad --duplex-* value
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"serving on http://{args.host}:{args.port} (voice page at /, OpenAI API under /v1)", file=sys.stderr,

@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine_mini_omni2 import ListenRule
 from .errors import APIError, invalid
 from .worker import EngineWorker
 
@@ -43,6 +44,7 @@ class ServerState:
     max_request_bytes: int
     random_weights: bool = False
     shutdown_timeout: float = 30.0
+    duplex: Any = None  # a ListenRule: realtime spoken answers listen for "stop omni" (docs/duplex.md)
     started: int = field(default_factory=lambda: int(time.time()))
     _audio: OrderedDict = field(default_factory=OrderedDict)
     _vad_model: Any = None
@@ -101,6 +103,7 @@ class ServerState:
             "max_queue": worker.max_queue,
             "active_requests": len(worker._jobs) + len(worker._inbox),
             "steps": worker.steps,
+            "duplex": self.duplex is not None,
         }
 
 
@@ -119,6 +122,7 @@ def create_app(
     random_weights: bool = False,
     shutdown_timeout: float = 30.0,
     stream_stride: int = 4,
+    duplex: Any = None,
 ) -> FastAPI:
     """The server application for a loaded ``model`` (eval mode, on its device) and its ``processor``.
 
@@ -135,7 +139,16 @@ def create_app(
         random_weights: say so in ``/health`` and on the page (``tiny-random``).
         shutdown_timeout: seconds in-flight answers get to finish at shutdown before they are cancelled.
         stream_stride: codec frames per streamed audio chunk (4 = 341 ms, the release's).
+        duplex: a :class:`~mini_omni2.engine_mini_omni2.ListenRule` (or ``True`` for the default rule): spoken
+            answers of the realtime endpoint get a listening row that stops them when the user says "stop omni"
+            (the model's listening row must be trained for it, docs/duplex.md). Off by default.
     """
+    if duplex is True:
+        duplex = ListenRule()
+    if duplex is not None and not isinstance(duplex, ListenRule):
+        raise TypeError(f"duplex must be a ListenRule, True or None, got {type(duplex).__name__}")
+    if duplex is not None:
+        model.listen_front_end()  # refuses a model whose listening row cannot hear (codec input without a codec)
     worker = EngineWorker(
         model, processor, max_batch_rows=max_batch_rows, max_queue=max_queue, codec_noise=codec_noise,
         streamer_kwargs={"stream_stride": stream_stride},
@@ -152,6 +165,7 @@ def create_app(
         max_request_bytes=max_request_bytes,
         random_weights=random_weights,
         shutdown_timeout=shutdown_timeout,
+        duplex=duplex or None,
     )
 
     @contextlib.asynccontextmanager

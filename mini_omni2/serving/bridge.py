@@ -27,11 +27,12 @@ class AsyncJob:
         self.done: JobDone | None = None
 
     @classmethod
-    def submit(cls, worker: EngineWorker, inputs, settings: DecodeSettings) -> "AsyncJob":
-        """Queue a request; a full queue is a 429, a stopping worker a 503 (:class:`~.errors.APIError`)."""
+    def submit(cls, worker: EngineWorker, inputs, settings: DecodeSettings, duplex=None) -> "AsyncJob":
+        """Queue a request (``duplex``: with a listening row, :meth:`EngineWorker.submit`); a full queue is a 429, a
+        stopping worker a 503 (:class:`~.errors.APIError`)."""
         job = cls(worker, asyncio.get_running_loop())
         try:
-            job.job = worker.submit(inputs, settings, job._on_event)
+            job.job = worker.submit(inputs, settings, job._on_event, duplex=duplex)
         except QueueFull as error:
             raise queue_full(str(error)) from None
         except WorkerStopped:

@@ -279,8 +279,9 @@ def decode_current(parts: list[RawPart]) -> Turn:
 # running a request
 # ----------------------------------------------------------------------------------------------------------------
 async def start_job(state: "ServerState", current: Turn, history: list[Turn], output: str, sampling: dict,
-                    param: str = "messages"):
-    """Settings, prompt (off the loop) and submission; returns (job, prompt)."""
+                    param: str = "messages", duplex=None):
+    """Settings, prompt (off the loop) and submission (``duplex``: a realtime session's DuplexSession, for a spoken
+    answer that listens for "stop omni"); returns (job, prompt)."""
     settings = decode_settings(
         **sampling, default_max_tokens=state.default_max_tokens, limit_max_tokens=state.max_tokens_limit,
         device=state.device,
@@ -295,7 +296,7 @@ async def start_job(state: "ServerState", current: Turn, history: list[Turn], ou
                       "context_length_exceeded")
     settings.max_new_tokens = min(settings.max_new_tokens, room)
     inputs = {k: v.to(state.device) for k, v in prompt.inputs.items()}
-    job = AsyncJob.submit(state.worker, inputs, settings)
+    job = AsyncJob.submit(state.worker, inputs, settings, duplex=duplex)
     return job, prompt
 
 

@@ -8,9 +8,14 @@ ways; the model hears 16 kHz (resampled with soxr) and speaks at 24 kHz.
 
 A :class:`RealtimeSession` keeps the conversation (its items), the input audio buffer, server-side turn detection
 (silero-vad) and at most one response in flight. :meth:`RealtimeSession.interrupt` is the one path that stops an
-answer (``response.cancel``, a barge-in detected by the VAD, and later the duplex model's own interruption): the job
-is cancelled, its rows leave the batch at the next step, no more audio is sent, and ``response.done`` reports
-``status: "cancelled"`` with the reason. See ``docs/serving.md`` for the events supported and what is ignored.
+answer for ``response.cancel``, a barge-in detected by the VAD and a client that leaves: the job is cancelled, its
+rows leave the batch at the next step, no more audio is sent, and ``response.done`` reports ``status: "cancelled"``
+with the reason. With duplex on (``mini-omni2 serve --duplex``, docs/duplex.md) a spoken answer has a listening row
+(a :class:`~mini_omni2.duplex_mini_omni2.DuplexSession` per connection) that hears the appended audio; when it
+commits to ``irq`` the answer's rows are cancelled inside the engine's step, the response ends the same way with
+reason ``"stop_command"``, and ``output_audio_buffer.cleared`` tells the client to stop playing it (also when the
+answer had been generated and was still playing). Then speech no longer barges in by itself: the model decides.
+See ``docs/serving.md`` for the events supported and what is ignored.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
+from ..duplex_mini_omni2 import DuplexEvent, DuplexSession
 from ..processing_mini_omni2 import MAX_AUDIO_SECONDS, SAMPLING_RATE, load_image
 from ..token_layout import OUTPUT_SPEECH, OUTPUT_TEXT
 from .audio import API_PCM_RATE, PCM16Resampler, b64decode, b64encode, float_to_pcm16, pcm16_to_float, to_model_rate
@@ -124,6 +130,9 @@ class RealtimeSession:
         self._speech_item: str | None = None  # the item id announced by speech_started
         self._speech_start = 0
         self._vad: StreamingVAD | None = None
+        self.duplex: DuplexSession | None = None  # created with the first spoken answer when the server has duplex
+        self._duplex_response: Response | None = None  # the answer its listening row belongs to
+        self._discard_turn = False  # the speech turn in progress was the stop command: not a question
 
     # ----- connection ---------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -153,6 +162,8 @@ class RealtimeSession:
         finally:
             self._closed = True
             await self.interrupt("client_disconnected", notify=False)
+            if self.duplex is not None:
+                self.duplex.cancel()
 
     async def send(self, event: dict) -> None:
         """Send a server event (with a fresh ``event_id``); a closed socket drops it."""
@@ -212,7 +223,15 @@ class RealtimeSession:
         return ["audio"] if self.speech else ["text"]
 
     def session(self) -> dict:
-        """The session as the protocol generation describes it (``session.created`` / ``session.updated``)."""
+        """The session as the protocol generation describes it (``session.created`` / ``session.updated``); with
+        duplex on, ``duplex`` (an extension) says how spoken answers are interrupted."""
+        body = self._session()
+        rule = self.state.duplex
+        if rule is not None:
+            body["duplex"] = {"type": "stop_command", "threshold": rule.threshold, "min_frames": rule.min_frames}
+        return body
+
+    def _session(self) -> dict:
         pcm = {"type": "audio/pcm", "rate": API_PCM_RATE}
         if self.beta:
             return {
@@ -336,6 +355,9 @@ class RealtimeSession:
             return
         self._buffer.append(samples)
         self._stream_pos += samples.size
+        if self.duplex is not None and self.duplex.state == "speaking":  # the answer's listening row hears it
+            await asyncio.to_thread(self.duplex.feed, samples, SAMPLING_RATE)
+            self.state.worker.wake()
         if self._vad is None:  # manual commits: the buffer keeps the last 30 s (what the model can hear)
             self._keep_last(MAX_AUDIO_SECONDS * SAMPLING_RATE)
             return
@@ -366,9 +388,11 @@ class RealtimeSession:
     async def _speech_started(self, position: int) -> None:
         self._speech_item = _id("item_")
         self._speech_start = position
+        self._discard_turn = False
         await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": _ms(position),
                          "item_id": self._speech_item})
-        if self.response is not None and self.turn_detection.get("interrupt_response", True):
+        duplex = self.state.duplex is not None  # then the model's listening row decides, not any speech
+        if self.response is not None and self.turn_detection.get("interrupt_response", True) and not duplex:
             await self.interrupt("turn_detected")
 
     async def _speech_stopped(self, position: int) -> None:
@@ -376,10 +400,14 @@ class RealtimeSession:
         self._speech_item = None
         await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": _ms(position),
                          "item_id": item_id})
+        if self._discard_turn:  # "stop omni": a command to the answer, not a question
+            self._discard_turn = False
+            self._buffer, self._buffer_start = [], self._stream_pos
+            return
         padding = int(self.turn_detection["prefix_padding_ms"] * SAMPLING_RATE / 1000)
         first = max(self._speech_start - padding - self._buffer_start, 0)
         await self._commit(item_id, self._audio()[first : first + MAX_AUDIO_SECONDS * SAMPLING_RATE])
-        if self.turn_detection.get("create_response", True):
+        if self.turn_detection.get("create_response", True) and self.response is None:
             await self.on_response_create({})
 
     async def on_commit(self, event: dict) -> None:
@@ -471,11 +499,12 @@ class RealtimeSession:
                     [{"type": self._part_type(speech), "transcript" if speech else "text": ""}], "in_progress")
         response = Response(_id("resp_"), item, speech, max_output_tokens=max_tokens)
         self.response = response  # taken now: a second response.create is refused while this one starts
+        duplex = self._duplex_for(response) if speech else None
         try:
             job, _prompt = await start_job(
                 self.state, current, history, OUTPUT_SPEECH if speech else OUTPUT_TEXT,
                 {"temperature": temperature, "max_tokens": None if max_tokens == "inf" else max_tokens},
-                param="conversation",
+                param="conversation", duplex=duplex,
             )
         except BaseException:
             self.response = None
@@ -581,6 +610,39 @@ class RealtimeSession:
         await self.send({"type": "response.done",
                          "response": self.response_dict(response, status, details, usage, [self.item_dict(item)])})
 
+    # ----- duplex (docs/duplex.md) -----------------------------------------------------------------------------------
+    def _duplex_for(self, response: Response) -> DuplexSession | None:
+        """The connection's DuplexSession, ready for ``response`` (the previous answer's listening ends)."""
+        if self.state.duplex is None:
+            return None
+        if self.duplex is None:
+            loop = asyncio.get_running_loop()
+
+            def on_event(event: DuplexEvent) -> None:  # the worker's thread
+                try:
+                    loop.call_soon_threadsafe(self._on_duplex_event, event)
+                except RuntimeError:  # the loop is closed
+                    pass
+
+            self.duplex = DuplexSession(self.state.model, engine=self.state.worker.engine, rule=self.state.duplex,
+                                        on_event=on_event)  # the worker's thread starts its answers
+        self.duplex.cancel()  # a previous answer may still be playing: its listening row ends
+        self._duplex_response = response
+        return self.duplex
+
+    def _on_duplex_event(self, event: DuplexEvent) -> None:
+        """The listening row committed to ``irq``: the answer stops (its rows were cancelled in that step)."""
+        if event.type != "interrupted" or self._duplex_response is None:
+            return
+        response, self._duplex_response = self._duplex_response, None
+        if self._speech_item is not None:
+            self._discard_turn = True
+        if self.response is response and response.reason is None:
+            response.reason = "stop_command"  # the pump sends nothing more; response.done says why
+        asyncio.get_running_loop().create_task(
+            self.send({"type": "output_audio_buffer.cleared", "response_id": response.id})
+        )
+
     async def on_response_cancel(self, event: dict) -> None:
         if self.response is None:
             raise invalid("there is no response in progress to cancel", None, "response_cancel_not_active")
@@ -595,6 +657,9 @@ class RealtimeSession:
         if response is None or response.reason is not None:
             return
         response.reason = reason
+        if self.duplex is not None and self._duplex_response is response:
+            self._duplex_response = None
+            self.duplex.cancel()
         if response.job is not None:
             response.job.cancel()
         if notify and response.task is not None:

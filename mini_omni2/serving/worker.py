@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..engine_mini_omni2 import DecodeGroup, DecodeSettings, MiniOmni2Engine, output_kinds
+from ..engine_mini_omni2 import DecodeGroup, DecodeSettings, ListenGroup, MiniOmni2Engine, output_kinds
 from ..streaming_mini_omni2 import MiniOmni2Streamer, StreamEvent
 from ..token_layout import OUTPUT_SPEECH
 
@@ -63,6 +63,7 @@ class Job:
     group: DecodeGroup | None = None
     cancelled: bool = False
     finished: bool = False
+    duplex: Any = None  # a DuplexSession: the answer gets a listening row beside it (docs/duplex.md)
 
 
 class _JobStreamer(MiniOmni2Streamer):
@@ -73,6 +74,8 @@ class _JobStreamer(MiniOmni2Streamer):
         self.job = job
 
     def on_event(self, event: StreamEvent) -> None:
+        if self.job.duplex is not None:
+            self.job.duplex.track_answer(event)  # how long the answer plays: how long its listening row listens
         if event.final:
             return  # the worker sends JobDone (with the usage) instead
         self.job.on_event(event)
@@ -163,12 +166,14 @@ class EngineWorker:
 
     # ----- requests -----------------------------------------------------------------------------------------------
     def submit(self, inputs: dict[str, torch.Tensor], settings: DecodeSettings,
-               on_event: Callable[[StreamEvent | JobDone], None]) -> Job:
-        """Queue one request (the processor's output for a single request); events go to ``on_event``."""
+               on_event: Callable[[StreamEvent | JobDone], None], duplex: Any = None) -> Job:
+        """Queue one request (the processor's output for a single request); events go to ``on_event``. With
+        ``duplex`` (a :class:`~mini_omni2.duplex_mini_omni2.DuplexSession` on this worker's engine) a spoken answer
+        gets its listening row, which may interrupt it (the job then ends ``"cancelled"``)."""
         input_ids = inputs.get("input_ids")
         if input_ids is None or input_ids.ndim != 3 or input_ids.shape[0] != 1:
             raise ValueError("submit takes the inputs of exactly one request (input_ids of shape (1, 8, seq))")
-        job = Job(inputs=dict(inputs), settings=settings, on_event=on_event)
+        job = Job(inputs=dict(inputs), settings=settings, on_event=on_event, duplex=duplex)
         with self._lock:
             if not self._accepting:
                 raise WorkerStopped("the server is shutting down")
@@ -187,10 +192,17 @@ class EngineWorker:
             self._cancels.append(job)
             self._lock.notify_all()
 
+    def wake(self) -> None:
+        """New input for a waiting row (microphone frames for a listening row): step now rather than at the next
+        poll."""
+        with self._lock:
+            self._lock.notify_all()
+
     def _rows_of(self, job: Job) -> int:
-        """Rows a request takes: 2 for a spoken answer with batch parallel decoding (its twin), else 1."""
+        """Rows a request takes: 2 for a spoken answer with batch parallel decoding (its twin), else 1; plus its
+        listening row with ``duplex``."""
         kind = output_kinds(self.model.config.token_layout, job.inputs["input_ids"])[0]
-        return 2 if kind == OUTPUT_SPEECH and job.settings.batch_parallel else 1
+        return (2 if kind == OUTPUT_SPEECH and job.settings.batch_parallel else 1) + (job.duplex is not None)
 
     def _would_wait(self, new: Job) -> int:
         """Requests that would wait for rows if ``new`` joined: the queue (engine's waiting groups, then the inbox,
@@ -212,8 +224,11 @@ class EngineWorker:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while self._running and not (self._inbox or self._cancels or self.engine.has_work()):
-                    self._lock.wait(timeout=0.5)
+                while self._running and not (self._inbox or self._cancels or self._can_step()):
+                    # rows that wait for microphone frames are polled often (wake() also ends the wait)
+                    self._lock.wait(timeout=0.01 if self.engine.has_work() else 0.5)
+                if not self._running:
+                    self._end_listening()
                 if not self._running and not self.engine.has_work() and not self._inbox:
                     return
                 new, self._inbox = self._inbox, []
@@ -233,6 +248,15 @@ class EngineWorker:
             if not self._running and not self.engine.has_work():
                 return
 
+    def _can_step(self) -> bool:
+        return self.engine.has_work() and not self.engine.idle
+
+    def _end_listening(self) -> None:
+        """At shutdown: listening rows wait for frames that will not come; end them."""
+        for group in self.engine.groups + self.engine.pending:
+            if isinstance(group, ListenGroup):
+                self.engine.cancel(group)
+
     def _start(self, job: Job) -> None:
         if job.cancelled:
             self._done(job, JobDone("cancelled"))
@@ -244,7 +268,10 @@ class EngineWorker:
                 codec=getattr(self.model, "codec", None), share_twin_prefill=self.share_twin_prefill,
                 codec_noise=self.codec_noise,
             )
-            self.engine.add(job.group)
+            if job.duplex is not None:  # the listening row, then the answer (duplex_mini_omni2.DuplexSession)
+                job.duplex.respond(None, speaking=job.group)
+            else:
+                self.engine.add(job.group)
         except BaseException as error:  # a request that cannot be decoded fails alone
             self._done(job, JobDone("error", error=error))
             return

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .duplex_data import listen_inputs
+from ..engine_mini_omni2 import ListenRule
 from ..token_layout import LISTEN_FEATURES
 
 #: The tiny language model of the proof (docs/duplex.md): a Qwen2 of ~0.2 M parameters.
@@ -116,13 +117,8 @@ class ClipOutcome:
 
 
 def first_irq(probabilities: np.ndarray, threshold: float = 0.5, min_frames: int = 1) -> int | None:
-    """The frame at which a row commits to ``irq``: the ``min_frames``-th consecutive frame with P(irq) >= threshold."""
-    run = 0
-    for k, p in enumerate(probabilities):
-        run = run + 1 if p >= threshold else 0
-        if run >= min_frames:
-            return k
-    return None
+    """The frame at which a row commits to ``irq``: the engine's rule (:class:`~mini_omni2.engine_mini_omni2.ListenRule`)."""
+    return ListenRule(threshold, min_frames).first_irq(probabilities)
 
 
 def clip_outcome(

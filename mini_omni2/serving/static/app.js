@@ -4,12 +4,14 @@
 const RATE = 24000; // the API's pcm16 rate; the AudioContext runs at it so no resampling is done here
 const params = new URLSearchParams(location.search);
 // exposed for tests and curious users: what this page has sent, received and played
-const omni = (window.omni = {connected: false, responses: 0, audioBytes: 0, played: 0, transcript: "", events: []});
+const omni = (window.omni = {connected: false, responses: 0, audioBytes: 0, played: 0, transcript: "", events: [],
+                             interruptions: 0});
 
 const $ = (id) => document.getElementById(id);
 let ws = null, context = null, player = null, micStream = null, capture = null;
 let current = null; // the assistant line being written
 let answering = false;
+let duplex = false; // the server's listening row stops answers on "stop omni" (then speech alone does not)
 
 function setStatus(text, listening) {
   $("status").textContent = text;
@@ -92,14 +94,21 @@ function onServerEvent(event) {
   switch (event.type) {
     case "session.created":
       omni.connected = true;
+      duplex = Boolean(event.session.duplex); // the model itself hears "stop omni" (docs/duplex.md)
       send(sessionUpdate());
       break;
     case "session.updated":
       setStatus("listening: speak, then pause", true);
       break;
     case "input_audio_buffer.speech_started":
-      stopPlayback(); // barge-in: the server cancels the answer, the page stops playing it
+      // barge-in: the server cancels the answer, the page stops playing it (with duplex the model decides)
+      if (!duplex) stopPlayback();
       setStatus("hearing you…", true);
+      break;
+    case "output_audio_buffer.cleared": // duplex: the model heard "stop omni"
+      stopPlayback();
+      omni.interruptions += 1;
+      setStatus("stopped: listening", true);
       break;
     case "input_audio_buffer.speech_stopped":
       setStatus("thinking…", false);

@@ -1,0 +1,47 @@
+"""Helpers of the duplex tests: a model whose listening row says ``irq`` at a chosen frame."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class ScriptedListener:
+    """Wraps a model's forward: the listening row's state logits say ``irq`` at listening frame ``irq_at`` (counted
+    over the frames the row reads) and ``n_irq`` before; every other logit is the real model's. A listening row is
+    recognised by what it is fed: ``n_irq`` on its text stream (a speaking row is fed a sampled text token: the tests
+    check their answers' text holds no ``n_irq``)."""
+
+    def __init__(self, model, irq_at: int | None, step_seconds: float = 0.0, no_eoa: bool = False):
+        self.layout = model.config.token_layout
+        self.forward = model.forward
+        self.irq_at = irq_at
+        self.step_seconds = step_seconds  # a slower decoding step, to let a client's audio arrive mid-answer
+        self.no_eoa = no_eoa  # answers never end by themselves (only the last layer's eoa ends one)
+        self.frames = 0
+        self.calls: list[dict] = []
+        model.forward = self
+
+    def __call__(self, input_ids=None, inputs_embeds=None, **kwargs):
+        out = self.forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if self.no_eoa and out.audio_logits is not None:
+            out.audio_logits[:, -1, :, self.layout.eoa] = float("-inf")
+        if input_ids is None or input_ids.shape[-1] != 1:
+            return out  # a prefill: no state is read
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
+        layout = self.layout
+        fed_text = input_ids[:, layout.text_stream, -1]
+        listening = (fed_text == layout.n_irq).nonzero().flatten().tolist()
+        rows = kwargs.get("text_logits_rows")
+        rows = list(range(input_ids.shape[0])) if rows is None else rows.tolist()
+        read = [row for row in rows if row in listening]  # a waiting row is fed but not read
+        self.calls.append({"rows": input_ids.shape[0], "read": read})
+        for k, row in enumerate(rows):
+            if row in read:
+                state = layout.irq if self.frames == self.irq_at else layout.n_irq
+                out.text_logits[k, -1, [layout.irq, layout.n_irq]] = torch.tensor([-10.0, -10.0])
+                out.text_logits[k, -1, state] = 10.0
+                self.frames += 1
+        return out
