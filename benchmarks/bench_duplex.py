@@ -198,54 +198,56 @@ def print_proof(result: dict) -> None:
 
 
 # ----- the listening row's cost ---------------------------------------------------------------------------------------
-def listen_cost(model, speaking_rows: int = 2, context: int = 256, steps: int = 20, warmup: int = 3) -> dict:
-    """Decoding steps per second of ``speaking_rows`` rows with a ``context``-position cache, with and without one
-    listening row beside them (features: its frame's vector through the adapter; codec: its 7 codes as ids), and the
-    listening front end's time per frame. Plain forward with a DynamicCache, one position per row per step."""
+def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3) -> dict:
+    """Decoding steps per second of one spoken answer (its speech row and text twin, a ``context``-position text
+    prompt) on the decoding engine, without and with its duplex listening row (a frame ready at every step: features
+    through the adapter, or the codec's 7 codes), and the listening front end's time per frame."""
     import numpy as np
     import torch
-    from transformers import DynamicCache
+
+    from mini_omni2.engine_mini_omni2 import DecodeGroup, DecodeSettings, ListenGroup, ListenRule, MiniOmni2Engine
 
     config = model.config
     layout = config.token_layout
     device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(0, layout.tokenizer_vocab_size, (context,), generator=generator).tolist()
+    prompt = torch.tensor(layout.build_prompt("T1A2", text_ids=text).streams, device=device)[None]
+    total = warmup + steps
 
-    def run(rows: int, listening: bool) -> float:
-        cache = DynamicCache(config=config.text_config)
-        ids = layout.pad_ids(device)[None, :, None].repeat(rows, 1, context)  # a text prompt: pad_a over random text
-        ids[:, layout.text_stream] = torch.randint(0, layout.tokenizer_vocab_size, (rows, context), device=device)
-        with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            step = layout.pad_ids(device)[None, :, None].repeat(rows, 1, 1)
-            kwargs = {}
-            if listening:
-                step[-1, :, 0] = torch.tensor(layout.listen_step(None), device=device)
-                if config.listen_input == "features":
-                    features = torch.zeros(rows, 1, config.listen_feature_dim, device=device)
-                    mask = torch.zeros(rows, 1, dtype=torch.bool, device=device)
-                    mask[-1] = True
-                    kwargs = {"listen_features": features, "listen_feature_mask": mask}
-            times = []
-            for k in range(warmup + steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(input_ids=step, past_key_values=cache, use_cache=True, **kwargs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if k >= warmup:
-                    times.append(time.perf_counter() - start)
+    def run(listening: bool) -> float:
+        settings = DecodeSettings(max_new_tokens=total + 2, min_new_tokens=total + 2)
+        answer = DecodeGroup(layout, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt[:, 0])}, settings)
+        engine = MiniOmni2Engine(model)
+        if listening:  # a rule that never commits: random weights must not end the answer
+            listen = engine.add(ListenGroup(model, speaking=answer, rule=ListenRule(0.5, 10**9)))
+            if config.listen_input == "features":
+                listen.push(torch.randn(total + 1, config.listen_feature_dim, generator=generator))
+            else:
+                listen.push(torch.randint(0, layout.audio_codebook_size, (total + 1, 7), generator=generator))
+        engine.add(answer)
+        engine.step()  # the prefill
+        times = []
+        for k in range(total):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if k >= warmup:
+                times.append(time.perf_counter() - start)
+        assert not answer.done and engine.num_rows == 2 + listening
         return float(len(times) / sum(times))
 
-    without = run(speaking_rows, False)
-    with_row = run(speaking_rows + 1, True)
+    without = run(False)
+    with_row = run(True)
     front_end = model.listen_front_end()
     audio = np.random.default_rng(0).standard_normal(48000 * 4).astype(np.float32) * 0.1
     start = time.perf_counter()
     frames = front_end.frames(audio, 48000).shape[0]
     per_frame = (time.perf_counter() - start) / frames
     return {
-        "speaking_rows": speaking_rows,
         "context": context,
         "listen_input": config.listen_input,
         "steps_per_s_without": without,
@@ -260,6 +262,7 @@ def cost(args) -> dict:
     import torch
 
     from mini_omni2 import MiniOmni2Config, MiniOmni2ForConditionalGeneration
+    from mini_omni2.modeling_mini_omni2 import resolve_dtype
     from mini_omni2.tiny import tiny_config
 
     results = []
@@ -270,11 +273,15 @@ def cost(args) -> dict:
             config = tiny_config(vision=False, listen_input=listen_input)
         torch.manual_seed(0)
         model = MiniOmni2ForConditionalGeneration(config).eval()
-        if torch.cuda.is_available() and not args.cpu:
-            model = model.to("cuda", torch.bfloat16)
-        results.append(listen_cost(model, context=args.cost_context, steps=args.cost_steps))
+        device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+        dtype = resolve_dtype(args.dtype, device)
+        model.to(device)
+        model.model.to(dtype)  # the language model and adapters; the codec stays float32 (as from_pretrained does)
+        model.lm_head.to(dtype)
+        row = listen_cost(model, context=args.cost_context, steps=args.cost_steps)
+        results.append({**row, "dtype": str(dtype).replace("torch.", "")})
         del model
-    return {"size": args.cost_size, "results": results, "engine": "plain forward (no decoding engine yet)"}
+    return {"size": args.cost_size, "results": results, "engine": "MiniOmni2Engine, one spoken answer (2 rows)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cost-size", choices=("released", "tiny"), default="released")
     parser.add_argument("--cost-context", type=int, default=256)
     parser.add_argument("--cost-steps", type=int, default=20)
+    parser.add_argument("--dtype", default="auto", help="--cost: the model's dtype (auto: the hardware's fast one)")
     parser.add_argument("--cpu", action="store_true", help="--cost on the CPU even when a GPU is there")
     return parser
 

@@ -476,8 +476,11 @@ class DuplexSession:
         rule: when the row commits to ``irq`` (default: P(irq) >= 0.5 on one frame).
         settings: the answer's :class:`~.engine_mini_omni2.DecodeSettings` (default: the release's sampling).
         on_event: receives every event instead of :meth:`events`.
-        submit: hands groups to the engine (default ``engine.add``; a server's worker queues them for its thread).
+        submit: hands groups to the engine (default ``engine.add``, from the thread that steps it).
         streamer_kwargs: options of the answer's :class:`~.streaming_mini_omni2.MiniOmni2Streamer`.
+        window_frames, refeed_frames: a listening row fed ``window_frames`` frames hands over to a fresh one that
+            hears the last ``refeed_frames`` again (:class:`~.engine_mini_omni2.ListenGroup`); the default 192 / 24
+            (16.4 s / 2 s) keeps rows within the proof's training clips (up to 225 frames). ``None``: one row.
     """
 
     def __init__(
@@ -490,7 +493,12 @@ class DuplexSession:
         on_event: Callable[[DuplexEvent], None] | None = None,
         submit: Callable[[EngineGroup], None] | None = None,
         streamer_kwargs: dict | None = None,
+        window_frames: int | None = 192,
+        refeed_frames: int = 24,
     ) -> None:
+        if window_frames is not None and not 0 <= refeed_frames < window_frames:
+            raise ValueError(f"need 0 <= refeed_frames ({refeed_frames}) < window_frames ({window_frames})")
+        self.window_frames, self.refeed_frames = window_frames, refeed_frames
         self.model = model
         self.config = model.config
         self.layout: TokenLayout = self.config.token_layout
@@ -533,7 +541,8 @@ class DuplexSession:
         self.spoken_frames = 0
         with self._feed_lock:
             self.front_end.reset()  # the row hears the microphone from the answer's start
-        self.listen_group = ListenGroup(self.model, speaking=speaking, rule=self.rule, on_interrupt=self._interrupted)
+        self.listen_group = ListenGroup(self.model, speaking=speaking, rule=self.rule, on_interrupt=self._interrupted,
+                                        window_frames=self.window_frames, refeed_frames=self.refeed_frames)
         self.state = "speaking"
         self._emit(DuplexEvent("speaking"))
         self.submit(self.listen_group)  # first: it advances before its speaking rows anyway, and joins with them
@@ -545,7 +554,8 @@ class DuplexSession:
         ``"cancelled"``)."""
         if self.state == "listening":
             return
-        for group in (self.speaking_group, self.listen_group):
+        listen = self.listen_group.current() if self.listen_group is not None else None
+        for group in (self.speaking_group, listen):
             if group is not None and not group.done:
                 group.cancel()
         self._back_to_listening("cancelled")
@@ -558,8 +568,8 @@ class DuplexSession:
         with self._feed_lock:
             frames = self.front_end.feed(chunk, sampling_rate)
             listen = self.listen_group
-            if len(frames) and listen is not None and not listen.done and self.state == "speaking":
-                listen.push(frames)
+            if len(frames) and listen is not None and self.state == "speaking":
+                listen.push(frames)  # to the row that listens now (ListenGroup.current())
         self.poll()
         return len(frames)
 
@@ -577,12 +587,13 @@ class DuplexSession:
         speaking, listen = self.speaking_group, self.listen_group
         if self.state != "speaking" or speaking is None or listen is None:
             return
+        listen = listen.current()
         if speaking.error is not None:
             listen.finish()
             self._back_to_listening("error", speaking.error)
         elif listen.error is not None:
             self._back_to_listening("error", listen.error)
-        elif speaking.done and listen.interrupted_at is None and listen.heard >= self.spoken_frames:
+        elif speaking.done and listen.interrupted_at is None and listen.heard_total >= self.spoken_frames:
             listen.finish()
             self._back_to_listening("finished")
 
@@ -607,7 +618,7 @@ class DuplexSession:
             self.spoken_frames += int(event.frames.shape[0])
 
     def _interrupted(self, listen: ListenGroup) -> None:
-        if listen is not self.listen_group or self.state != "speaking":
+        if self.listen_group is None or listen is not self.listen_group.current() or self.state != "speaking":
             return
         self._emit(DuplexEvent("interrupted", frame=listen.interrupted_at, step=listen.interrupted_step,
                                probability=listen.probabilities[-1]))

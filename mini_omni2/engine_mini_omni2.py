@@ -20,6 +20,7 @@ import collections
 import functools
 import itertools
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -427,6 +428,10 @@ class EngineGroup:
     def is_idle(self) -> bool:
         """True while every row of the group would wait at the next step (no input has arrived)."""
         return False
+
+    def followers(self) -> list["EngineGroup"]:
+        """Groups the engine queues when this one leaves (a listening row's successor)."""
+        return []
 
     def dropped_slots(self) -> list[int]:
         """Live slots that leave the engine now (finished, cancelled or no longer needed)."""
@@ -1072,6 +1077,8 @@ class MiniOmni2Engine:
             changed = changed or bool(dropped)
             offset += len(group.live)
             group.live = [slot for slot in group.live if slot not in dropped]
+            if not group.live and group.error is None:
+                self.pending[:0] = group.followers()  # first in line: a listening row must not wait for room
         self.groups = [g for g in self.groups if g.live]
         if not changed:
             return
@@ -1140,6 +1147,13 @@ class ListenGroup(EngineGroup):
         speaking: the group it may interrupt (``None``: only report).
         rule: :class:`ListenRule`.
         on_interrupt: called from the engine's step when the row commits to ``irq``.
+        window_frames: a row that has been fed this many frames hands over to a fresh row (a new prompt, fed the
+            last ``refeed_frames`` frames again as context, not read), so that no row grows longer than the rows the
+            model was trained on (docs/duplex.md); ``None``: never. The fresh row is :attr:`successor`: the engine
+            queues it when this one leaves, and :meth:`push` forwards to it.
+        refeed_frames: see ``window_frames``.
+        context: frames fed first and not read (a successor's refed frames).
+        first_frame: the index of this row's first read frame in the whole stream (a successor's).
     """
 
     advance_first = True
@@ -1150,8 +1164,14 @@ class ListenGroup(EngineGroup):
         speaking: EngineGroup | None = None,
         rule: ListenRule | None = None,
         on_interrupt: Callable[["ListenGroup"], None] | None = None,
+        window_frames: int | None = None,
+        refeed_frames: int = 0,
+        context: list[torch.Tensor] | None = None,
+        first_frame: int = 0,
     ) -> None:
         super().__init__(1)
+        if window_frames is not None and not 0 <= refeed_frames < window_frames:
+            raise ValueError(f"need 0 <= refeed_frames ({refeed_frames}) < window_frames ({window_frames})")
         config = model.config
         self.model = model
         self.layout: TokenLayout = config.token_layout
@@ -1165,7 +1185,15 @@ class ListenGroup(EngineGroup):
         self._feeding: torch.Tensor | None = None
         self._run = 0
         self._stop = False
-        self.heard = 0  # frames consumed
+        self.heard = 0  # frames read
+        self.window_frames, self.refeed_frames = window_frames, refeed_frames
+        self.context_frames = len(context or [])
+        self._frames.extend(context or [])
+        self.fed = 0  # frames fed, context frames included
+        self.recent: collections.deque[torch.Tensor] = collections.deque(maxlen=refeed_frames or 1)
+        self.first_frame = first_frame
+        self.successor: ListenGroup | None = None
+        self._push_lock = threading.Lock()
         self.probabilities: list[float] = []
         self.interrupted_at: int | None = None  # the frame whose P(irq) committed the row
         self.interrupted_step: int | None = None  # the speaking group's step that was cut (its step_count)
@@ -1184,7 +1212,23 @@ class ListenGroup(EngineGroup):
         for frame in frames:
             if not self.features:
                 self.layout.listen_step(frame)  # 7 codes in range, or a clear error
-            self._frames.append(frame.detach().cpu())
+        with self._push_lock:
+            if self.successor is None:
+                self._frames.extend(frame.detach().cpu() for frame in frames)
+                return
+        self.successor.push(frames)
+
+    def current(self) -> "ListenGroup":
+        """The row that listens now: this one, or the last of its successors."""
+        row = self
+        while row.successor is not None:
+            row = row.successor
+        return row
+
+    @property
+    def heard_total(self) -> int:
+        """Frames of the stream read so far, by this row and the rows before it."""
+        return self.first_frame + self.heard
 
     @property
     def backlog(self) -> int:
@@ -1209,8 +1253,11 @@ class ListenGroup(EngineGroup):
     def is_idle(self) -> bool:
         return not self._frames and not self._stop
 
+    def _reading(self) -> bool:
+        return self._feeding is not None and self.fed >= self.context_frames
+
     def text_slots(self) -> list[int]:
-        return [0] if self._feeding is not None else []
+        return [0] if self._reading() else []
 
     def next_ids(self) -> torch.Tensor:
         frame = self._feeding if (self._feeding is not None and not self.features) else None
@@ -1225,18 +1272,39 @@ class ListenGroup(EngineGroup):
         return {0: self.model.model.embed(ids, listen_features=features, listen_feature_mask=mask)[0, 0]}
 
     def advance(self, text_scores: torch.Tensor | None, audio_scores: torch.Tensor | None) -> None:
-        if self._feeding is None or text_scores is None:
+        if self._feeding is None:
             return
+        reading = self._reading()
+        self.recent.append(self._feeding)
         self._feeding = None
-        probability = float(self.layout.listen_irq_probability(text_scores[0]))
-        self.probabilities.append(probability)
-        self.heard += 1
-        self._run = self._run + 1 if probability >= self.rule.threshold else 0
-        if self._run >= self.rule.min_frames:
-            self._interrupt()
+        self.fed += 1
+        if reading:
+            probability = float(self.layout.listen_irq_probability(text_scores[0]))
+            self.probabilities.append(probability)
+            self.heard += 1
+            self._run = self._run + 1 if probability >= self.rule.threshold else 0
+            if self._run >= self.rule.min_frames:
+                self._interrupt()
+                return
+        if self.window_frames is not None and self.fed >= self.window_frames:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """A fresh row takes over (``window_frames``): fed the last frames again, then what is still waiting."""
+        refeed = list(self.recent)[-self.refeed_frames:] if self.refeed_frames else []
+        successor = ListenGroup(self.model, self.speaking, self.rule, self.on_interrupt, self.window_frames,
+                                self.refeed_frames, context=refeed, first_frame=self.heard_total)
+        with self._push_lock:
+            successor._frames.extend(self._frames)
+            self._frames.clear()
+            self.successor = successor
+        self.done = True
+
+    def followers(self) -> list[EngineGroup]:
+        return [self.successor] if self.successor is not None else []
 
     def _interrupt(self) -> None:
-        self.interrupted_at = self.heard - 1
+        self.interrupted_at = self.heard_total - 1
         speaking = self.speaking
         if speaking is not None and not speaking.done:
             self.interrupted_step = getattr(speaking, "step_count", None)

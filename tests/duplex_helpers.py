@@ -21,6 +21,7 @@ class ScriptedListener:
         self.no_eoa = no_eoa  # answers never end by themselves (only the last layer's eoa ends one)
         self.frames = 0
         self.calls: list[dict] = []
+        self.fed_frames: list[list[int]] = []  # the codec frames fed to listening rows, in order (codec input)
         model.forward = self
 
     def __call__(self, input_ids=None, inputs_embeds=None, **kwargs):
@@ -36,6 +37,8 @@ class ScriptedListener:
         listening = (fed_text == layout.n_irq).nonzero().flatten().tolist()
         rows = kwargs.get("text_logits_rows")
         rows = list(range(input_ids.shape[0])) if rows is None else rows.tolist()
+        pad = layout.layershift(layout.pad_a, 0)
+        self.fed_frames += [input_ids[r, :7, -1].tolist() for r in listening if int(input_ids[r, 0, -1]) != pad]
         read = [row for row in rows if row in listening]  # a waiting row is fed but not read
         self.calls.append({"rows": input_ids.shape[0], "read": read})
         for k, row in enumerate(rows):

@@ -417,7 +417,8 @@ def test_a_small_trained_model_detects_the_command_on_held_out_clips(tmp_path):
 
 
 def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
-    """The code path of ``bench_duplex.py --cost`` (timed for real on the decoding engine, not here)."""
+    """The code path of ``bench_duplex.py --cost``: one spoken answer on the engine, with and without its listening
+    row (timed for real at the released sizes, not here)."""
     import importlib.util
     from pathlib import Path
 
@@ -426,7 +427,7 @@ def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for model in (features_model, codec_model):
-        row = bench.listen_cost(model, speaking_rows=2, context=8, steps=2, warmup=1)
+        row = bench.listen_cost(model, context=8, steps=2, warmup=1)
         assert row["listen_input"] == model.config.listen_input
         assert row["steps_per_s_without"] > 0 and row["steps_per_s_with_listening_row"] > 0
         assert row["front_end_ms_per_frame"] > 0 and abs(row["realtime_steps_per_s"] - 24000 / 2048) < 1e-9

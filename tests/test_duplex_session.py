@@ -87,7 +87,9 @@ def test_n_irq_throughout_never_interrupts_and_listening_lasts_the_answer(codec_
     spoken = int(result.audio_frames[0].shape[0])
     assert session.spoken_frames == spoken > 0
     # the row heard as many frames as the answer spoke: its playback has ended
-    assert session.listen_group.heard >= spoken and script.frames == session.listen_group.heard
+    listen = session.listen_group.current()
+    assert listen is session.listen_group  # 24 steps: no hand-over to a fresh row
+    assert listen.heard_total >= spoken and script.frames == listen.heard_total
     audio = [e.audio for e in events if e.type == "audio"]
     assert sum(a.numel() for a in audio) == spoken * FRAME
 
@@ -104,6 +106,31 @@ def test_irq_during_playback_stops_it_without_a_cut_step(codec_model, processor_
     interrupted = [e for e in events if e.type == "interrupted"]
     assert len(interrupted) == 1 and interrupted[0].step is None and interrupted[0].frame == 3
     assert answer.result(decode_audio=False).finish_reasons == ["length"]
+
+
+def test_a_long_answer_hands_listening_over_to_fresh_rows(codec_model, processor_no_vision):
+    """Rows never grow past window_frames: a fresh row hears the last refeed_frames again, then goes on."""
+    script = ScriptedListener(codec_model, irq_at=13)
+    session = DuplexSession(codec_model, processor_no_vision, settings=settings(60), window_frames=6,
+                            refeed_frames=2)
+    session.respond(speech_inputs(processor_no_vision))
+    events = []
+    for k in range(30):  # distinct frames (frame k: all codes k), one per step
+        if session.state == "speaking":
+            session.listen_group.push(torch.full((1, 7), k))
+        events += session.step()
+    rows = [session.listen_group]
+    while rows[-1].successor is not None:
+        rows.append(rows[-1].successor)
+    # fed frames per row: 6, then 2 refed + 4 new, ...; frames read: 6, 4, 4 (the 14th, frame 13, interrupts)
+    assert [r.heard for r in rows] == [6, 4, 4] and [r.context_frames for r in rows] == [0, 2, 2]
+    assert [r.first_frame for r in rows] == [0, 6, 10]
+    layout = codec_model.config.token_layout
+    fed = [f[0] - layout.layershift(0, 0) for f in script.fed_frames]  # the first code of each fed frame
+    # each fresh row hears the last two frames again, then goes on
+    assert fed == [0, 1, 2, 3, 4, 5, 4, 5, 6, 7, 8, 9, 8, 9, 10, 11, 12, 13]
+    assert [e.frame for e in events if e.type == "interrupted"] == [13] and script.frames == 14
+    assert all(r.done for r in rows) and not session.engine.has_work()
 
 
 def test_the_listening_row_waits_without_frames_and_costs_no_forward(codec_model):
