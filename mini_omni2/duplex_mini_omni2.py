@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -527,7 +528,7 @@ class DuplexSession:
         if self.state != "listening":
             raise RuntimeError("the session is already answering: cancel() it or wait for its 'listening' event")
         if speaking is None:
-            input_ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+            input_ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
             if input_ids is None or input_ids.ndim != 3 or input_ids.shape[0] != 1:
                 raise ValueError("respond takes the inputs of one request (input_ids of shape (1, 8, seq))")
             kinds = output_kinds(self.layout, input_ids)

@@ -25,7 +25,7 @@ def codec_model():
 
 
 def speech_inputs(processor, text="tell me a story"):
-    return dict(processor(text=text, output="speech"))
+    return processor(text=text, output="speech")  # a BatchFeature, as users pass it
 
 
 def settings(max_new_tokens=40):
