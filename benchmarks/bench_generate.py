@@ -300,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="requests per call")
     parser.add_argument("--steps", type=int, default=None, help="decoding steps per call (default 256 CUDA, 24 CPU)")
     parser.add_argument("--audio-frames", type=int, default=150, help="Whisper frames of each spoken prompt")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed generate calls first (batch 1, 16 steps)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed generate calls first (batch 1, 16 steps; with --compile each batch size and "
+                             "--steps, so that the timed calls run compiled graphs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--agreement", type=int, default=None, metavar="STEPS",
                         help="measure bfloat16 (and with --int8, int8) greedy agreement with float32 instead")
@@ -335,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     model, processor = build(device, dtype, int8=args.int8)
     print(f"built the released sizes ({sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters, random) "
           f"in {time.perf_counter() - began:.1f} s; dtype {dtype}{' + int8' if args.int8 else ''}", file=sys.stderr)
-    for _ in range(args.warmup):
-        run_generate(model, make_inputs(processor, 1, args.audio_frames, device, dtype), 16, device, args.compile)
+    for _ in range(args.warmup):  # compiled: the timed calls' own shapes (a static cache of another length recompiles)
+        for batch in args.batch_sizes if args.compile else [1]:
+            warm_inputs = make_inputs(processor, batch, args.audio_frames, device, dtype)
+            run_generate(model, warm_inputs, steps if args.compile else 16, device, args.compile)
 
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)

@@ -470,3 +470,26 @@ def test_the_listening_row_runs_from_remote_code(features_model, tmp_path):
     frames = features_model.listen_front_end().frames((0.1 * np.sin(2 * np.pi * 440 * t)).astype("float32"), 16000)
     expected = MiniOmni2Listener(features_model).run(frames[None])
     assert torch.allclose(torch.tensor(report["p"]), expected, atol=1e-5)
+
+
+def test_band_masking_zeroes_whole_mel_bands_of_listening_rows_only(features_model, processor_no_vision):
+    from mini_omni2.training.collator import MiniOmni2DataCollator
+    from mini_omni2.training.duplex import FeatureBandMasking
+
+    dim = features_model.config.listen_feature_dim
+    bins = features_model.config.listen_feature_config["num_mel_bins"]
+    rng = np.random.default_rng(0)
+    examples = [{"task": "LISTEN", "listen_features": rng.standard_normal((5, dim)).astype(np.float32) + 3,
+                 "frame_labels": [0, 0, 0, 1, 1]} for _ in range(2)]
+    plain = MiniOmni2DataCollator(processor_no_vision)(examples)
+    masked = FeatureBandMasking(MiniOmni2DataCollator(processor_no_vision), bins, bands=2, max_width=4, seed=1)(examples)
+    for row in range(2):
+        positions = plain["listen_feature_mask"][row]
+        before = plain["listen_features"][row, positions].view(5, -1, bins)
+        after = masked["listen_features"][row, positions].view(5, -1, bins)
+        zeroed = (after == 0).all(dim=0).all(dim=0)  # bins zero in every column of every frame
+        assert 1 <= int(zeroed.sum()) <= 8
+        assert torch.equal(after[:, :, ~zeroed], before[:, :, ~zeroed])
+    assert torch.equal(masked["labels"], plain["labels"]) and torch.equal(masked["input_ids"], plain["input_ids"])
+    with pytest.raises(ValueError, match="max_width"):
+        FeatureBandMasking(None, bins, bands=1, max_width=bins + 1)

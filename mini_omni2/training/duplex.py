@@ -54,6 +54,35 @@ def prepare_listen_examples(clips: Sequence[dict], front_end, keep: Sequence[str
     return [{**listen_inputs(clip, front_end), **{k: clip[k] for k in keep}} for clip in clips]
 
 
+class FeatureBandMasking:
+    """SpecAugment-style frequency masking of the listening features while training: each listening row gets
+    ``bands`` random bands of up to ``max_width`` mel bins set to 0 (the running mean) in every frame, so the row
+    cannot lean on the few bands where the training voices differ. Wraps a collator; rows without listening features
+    pass unchanged. Deterministic given ``seed``."""
+
+    def __init__(self, collator, num_mel_bins: int, bands: int = 2, max_width: int = 8, seed: int = 0):
+        if bands < 0 or not 1 <= max_width <= num_mel_bins:
+            raise ValueError(f"need bands >= 0 and 1 <= max_width <= {num_mel_bins}, got {bands}, {max_width}")
+        self.collator = collator
+        self.num_mel_bins = num_mel_bins
+        self.bands = bands
+        self.max_width = max_width
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        features = batch.get("listen_features")
+        if features is None or not self.bands:
+            return batch
+        rows = features.view(features.shape[0], features.shape[1], -1, self.num_mel_bins)  # (..., columns, mels)
+        for row in range(rows.shape[0]):
+            for _ in range(self.bands):
+                width = int(torch.randint(1, self.max_width + 1, (1,), generator=self.generator))
+                start = int(torch.randint(0, self.num_mel_bins - width + 1, (1,), generator=self.generator))
+                rows[row, :, :, start : start + width] = 0.0
+        return batch
+
+
 def train_listener(
     model,
     processor,
@@ -65,12 +94,16 @@ def train_listener(
     warmup_steps: int = 50,
     seed: int = 0,
     logging_steps: int = 50,
+    mask_bands: int = 0,
+    mask_width: int = 8,
     **overrides,
 ):
     """Train ``model`` (stage 3: language model, head and adapters) on ``train_examples`` with ``Trainer``.
 
     ``train_examples``: a ``datasets.Dataset``, a torch dataset or a list of examples (listening examples, optionally
-    mixed with any other examples of docs/training.md). Returns the ``TrainOutput``; the model is left in eval mode.
+    mixed with any other examples of docs/training.md). ``mask_bands`` > 0 masks that many random mel bands of up to
+    ``mask_width`` bins per listening row (:class:`FeatureBandMasking`; features input). Returns the ``TrainOutput``;
+    the model is left in eval mode.
     """
     from transformers import Trainer
 
@@ -94,6 +127,9 @@ def train_listener(
         **overrides,
     )
     collator = MiniOmni2DataCollator(processor, listen_front_end=model.listen_front_end())
+    if mask_bands:
+        bins = model.config.listen_feature_config["num_mel_bins"]
+        collator = FeatureBandMasking(collator, bins, mask_bands, mask_width, seed=seed)
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=train_examples, data_collator=collator)
     result = trainer.train()
@@ -232,6 +268,7 @@ __all__ = [
     "duplex_tiny_config",
     "prepare_listen_examples",
     "train_listener",
+    "FeatureBandMasking",
     "ClipOutcome",
     "first_irq",
     "clip_outcome",
