@@ -47,20 +47,24 @@ def tiny_tokenizer():
     return Qwen2Tokenizer(vocab=vocab, merges=merges)
 
 
+#: The tiny language model (a Qwen2 of ~0.2 M parameters) of the test models.
+TINY_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
 def tiny_config(vision: bool = True, codec: bool = True, **overrides) -> MiniOmni2Config:
     """A Mini-Omni2 config (Mini-Omni without vision) small enough for CPU tests, with the release's rules."""
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
+    text = dict(TINY_TEXT)
     audio = dict(
         d_model=32,
         encoder_layers=2,

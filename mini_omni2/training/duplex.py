@@ -18,21 +18,12 @@ import torch
 
 from .duplex_data import listen_inputs
 from ..engine_mini_omni2 import ListenRule
+from ..tiny import TINY_TEXT
 from ..token_layout import LISTEN_FEATURES
 
-#: The tiny language model of the proof (docs/duplex.md): a Qwen2 of ~0.2 M parameters.
-DUPLEX_TINY_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
+#: The tiny language model of the proof (docs/duplex.md): the test models' (~0.2 M parameters), with Qwen2's usual
+#: RoPE base of 10,000 (a row of a few hundred positions).
+DUPLEX_TINY_TEXT = {**TINY_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
 
 
 def duplex_tiny_config(listen_input: str = LISTEN_FEATURES, text: dict | None = None, **overrides):
