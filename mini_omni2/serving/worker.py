@@ -51,7 +51,7 @@ class JobDone:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: compared by identity (its inputs are tensors)
 class Job:
     """One request: its model inputs (a single request, as the processor builds it), its settings and its sink."""
 
@@ -116,7 +116,7 @@ class EngineWorker:
         self.streamer_kwargs = streamer_kwargs or {}
         self._inbox: list[Job] = []
         self._cancels: list[Job] = []
-        self._jobs: list[Job] = []  # handed to the engine, not finished
+        self._jobs: list[Job] = []  # taken from the inbox (then handed to the engine), not finished
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -160,9 +160,12 @@ class EngineWorker:
     def queued(self) -> int:
         """Requests not yet decoding: in the inbox or waiting in the engine for rows."""
         with self._lock:
-            pending = list(self.engine.pending)  # a snapshot: the engine thread changes the list between steps
-            waiting = sum(1 for job in self._jobs if job.group is not None and job.group in pending)
-            return len(self._inbox) + waiting
+            return len(self._inbox) + len(self._waiting_jobs())
+
+    def _waiting_jobs(self) -> list[Job]:
+        """Taken jobs not decoding yet: not handed to the engine yet, or waiting there for rows (lock held)."""
+        pending = list(self.engine.pending)  # a snapshot: the engine thread changes the list between steps
+        return [job for job in self._jobs if job.group is None or job.group in pending]
 
     # ----- requests -----------------------------------------------------------------------------------------------
     def submit(self, inputs: dict[str, torch.Tensor], settings: DecodeSettings,
@@ -210,7 +213,7 @@ class EngineWorker:
         if self.engine.max_rows is None:
             return 0
         free = self.engine.max_rows - self.engine.num_rows
-        queue = [job for job in self._jobs if job.group is not None and job.group in list(self.engine.pending)]
+        queue = self._waiting_jobs()
         waiting = 0
         for job in queue + self._inbox + [new]:
             rows = self._rows_of(job)
@@ -232,6 +235,7 @@ class EngineWorker:
                 if not self._running and not self.engine.has_work() and not self._inbox:
                     return
                 new, self._inbox = self._inbox, []
+                self._jobs.extend(new)  # in the same lock: a job is counted at every moment (queue limit)
                 cancels, self._cancels = self._cancels, []
             for job in new:
                 self._start(job)
@@ -259,7 +263,7 @@ class EngineWorker:
 
     def _start(self, job: Job) -> None:
         if job.cancelled:
-            self._done(job, JobDone("cancelled"))
+            self._drop(job, JobDone("cancelled"))
             return
         try:
             streamer = _JobStreamer(job, self.tokenizer, **self.streamer_kwargs)
@@ -273,23 +277,27 @@ class EngineWorker:
             else:
                 self.engine.add(job.group)
         except BaseException as error:  # a request that cannot be decoded fails alone
-            self._done(job, JobDone("error", error=error))
-            return
+            self._drop(job, JobDone("error", error=error))
+
+    def _drop(self, job: Job, event: JobDone) -> None:
+        """A taken job that never reached the engine ends."""
         with self._lock:
-            self._jobs.append(job)
+            if job in self._jobs:
+                self._jobs.remove(job)
+        self._done(job, event)
 
     def _cancel(self, job: Job) -> None:
         if job.group is None:
             if not job.finished:
-                self._done(job, JobDone("cancelled"))
+                self._drop(job, JobDone("cancelled"))
             return
         if not job.group.done:
             self.engine.cancel(job.group)
 
     def _finish_done(self) -> None:
         with self._lock:
-            done = [job for job in self._jobs if job.group.done]
-            self._jobs = [job for job in self._jobs if not job.group.done]
+            done = [job for job in self._jobs if job.group is not None and job.group.done]
+            self._jobs = [job for job in self._jobs if job not in done]
         for job in done:
             group = job.group
             if group.error is not None:
