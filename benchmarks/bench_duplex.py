@@ -136,7 +136,7 @@ def proof(args) -> dict:
         output = train_listener(
             model, tiny_processor(vision=False), train, args.output_dir, max_steps=args.steps,
             batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-            mask_bands=args.mask_bands, mask_width=args.mask_width,
+            mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp,
         )
         timings["train_s"] = time.perf_counter() - start
         result["train_loss"] = output.training_loss
@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", type=int, default=256, help="intermediate width of the listening adapter")
     parser.add_argument("--mask-bands", type=int, default=0, help="mel bands masked per training row (SpecAugment)")
     parser.add_argument("--mask-width", type=int, default=8, help="widest masked band, in mel bins")
+    parser.add_argument("--warp", type=float, default=0.0, help="stretch each training row's mel axis by 1 +- warp")
     parser.add_argument("--val-clips", type=int, default=300, help="unseen train-split clips to choose the rule on")
     parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")

@@ -493,3 +493,24 @@ def test_band_masking_zeroes_whole_mel_bands_of_listening_rows_only(features_mod
     assert torch.equal(masked["labels"], plain["labels"]) and torch.equal(masked["input_ids"], plain["input_ids"])
     with pytest.raises(ValueError, match="max_width"):
         FeatureBandMasking(None, bins, bands=1, max_width=bins + 1)
+
+
+def test_mel_warping_stretches_the_mel_axis_of_each_listening_row(features_model, processor_no_vision):
+    from mini_omni2.training.collator import MiniOmni2DataCollator
+    from mini_omni2.training.duplex import FeatureBandMasking, _stretch_mels
+
+    ramp = torch.arange(8.0).repeat(3, 1)
+    assert torch.equal(_stretch_mels(ramp, 1.0), ramp)
+    assert torch.allclose(_stretch_mels(ramp, 1.25)[0], torch.arange(8.0) * 0.8)  # bin i hears bin i / 1.25
+    assert _stretch_mels(ramp, 0.8)[0].tolist() == [0.0, 1.25, 2.5, 3.75, 5.0, 6.25, 7.0, 7.0]  # the top bin repeats
+    bins = features_model.config.listen_feature_config["num_mel_bins"]
+    dim = features_model.config.listen_feature_dim
+    ramp_frames = np.tile(np.arange(bins, dtype=np.float32), (4, dim // bins))
+    example = {"task": "LISTEN", "listen_features": ramp_frames, "frame_labels": [0, 0, 1, 1]}
+    warped = FeatureBandMasking(MiniOmni2DataCollator(processor_no_vision), bins, bands=0, seed=0, warp=0.2)([example])
+    rows = warped["listen_features"][0, warped["listen_feature_mask"][0]].view(4, -1, bins)
+    factor = 1 / float(rows[0, 0, 1])  # bin 1 now holds position 1 / factor
+    assert 0.8 <= factor <= 1.2 and factor != 1.0
+    assert torch.allclose(rows, _stretch_mels(torch.from_numpy(ramp_frames).view(4, -1, bins), factor), atol=1e-5)
+    with pytest.raises(ValueError, match="warp must be in"):
+        FeatureBandMasking(None, bins, warp=1.0)

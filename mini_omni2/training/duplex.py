@@ -48,12 +48,18 @@ def prepare_listen_examples(clips: Sequence[dict], front_end, keep: Sequence[str
 class FeatureBandMasking:
     """SpecAugment-style frequency masking of the listening features while training: each listening row gets
     ``bands`` random bands of up to ``max_width`` mel bins set to 0 (the running mean) in every frame, so the row
-    cannot lean on the few bands where the training voices differ. Wraps a collator; rows without listening features
-    pass unchanged. Deterministic given ``seed``."""
+    cannot lean on the few bands where the training voices differ; with ``warp`` > 0 each row's mel axis is first
+    stretched by a random factor in ``[1 - warp, 1 + warp]`` (a vocal tract length perturbation: other voices' formants
+    sit higher or lower). Wraps a collator; rows without listening features pass unchanged. Deterministic given
+    ``seed``."""
 
-    def __init__(self, collator, num_mel_bins: int, bands: int = 2, max_width: int = 8, seed: int = 0):
+    def __init__(self, collator, num_mel_bins: int, bands: int = 2, max_width: int = 8, seed: int = 0,
+                 warp: float = 0.0):
         if bands < 0 or not 1 <= max_width <= num_mel_bins:
             raise ValueError(f"need bands >= 0 and 1 <= max_width <= {num_mel_bins}, got {bands}, {max_width}")
+        if not 0.0 <= warp < 1.0:
+            raise ValueError(f"warp must be in [0, 1), got {warp}")
+        self.warp = warp
         self.collator = collator
         self.num_mel_bins = num_mel_bins
         self.bands = bands
@@ -63,15 +69,28 @@ class FeatureBandMasking:
     def __call__(self, examples):
         batch = self.collator(examples)
         features = batch.get("listen_features")
-        if features is None or not self.bands:
+        if features is None or not (self.bands or self.warp):
             return batch
         rows = features.view(features.shape[0], features.shape[1], -1, self.num_mel_bins)  # (..., columns, mels)
         for row in range(rows.shape[0]):
+            if self.warp:
+                factor = 1.0 + self.warp * (2 * float(torch.rand(1, generator=self.generator)) - 1)
+                rows[row] = _stretch_mels(rows[row], factor)
             for _ in range(self.bands):
                 width = int(torch.randint(1, self.max_width + 1, (1,), generator=self.generator))
                 start = int(torch.randint(0, self.num_mel_bins - width + 1, (1,), generator=self.generator))
                 rows[row, :, :, start : start + width] = 0.0
         return batch
+
+
+def _stretch_mels(columns: torch.Tensor, factor: float) -> torch.Tensor:
+    """Mel bin i takes the value at position i / factor (linear interpolation, the edge bins beyond the axis)."""
+    bins = columns.shape[-1]
+    source = (torch.arange(bins, dtype=torch.float32) / factor).clamp(max=bins - 1)
+    low = source.floor().long()
+    high = (low + 1).clamp(max=bins - 1)
+    weight = source - low
+    return columns[..., low] * (1 - weight) + columns[..., high] * weight
 
 
 def train_listener(
@@ -87,13 +106,15 @@ def train_listener(
     logging_steps: int = 50,
     mask_bands: int = 0,
     mask_width: int = 8,
+    warp: float = 0.0,
     **overrides,
 ):
     """Train ``model`` (stage 3: language model, head and adapters) on ``train_examples`` with ``Trainer``.
 
     ``train_examples``: a ``datasets.Dataset``, a torch dataset or a list of examples (listening examples, optionally
     mixed with any other examples of docs/training.md). ``mask_bands`` > 0 masks that many random mel bands of up to
-    ``mask_width`` bins per listening row (:class:`FeatureBandMasking`; features input). Returns the ``TrainOutput``;
+    ``mask_width`` bins per listening row, ``warp`` > 0 stretches its mel axis (:class:`FeatureBandMasking`; features
+    input). Returns the ``TrainOutput``;
     the model is left in eval mode.
     """
     from transformers import Trainer
@@ -118,9 +139,9 @@ def train_listener(
         **overrides,
     )
     collator = MiniOmni2DataCollator(processor, listen_front_end=model.listen_front_end())
-    if mask_bands:
+    if mask_bands or warp:
         bins = model.config.listen_feature_config["num_mel_bins"]
-        collator = FeatureBandMasking(collator, bins, mask_bands, mask_width, seed=seed)
+        collator = FeatureBandMasking(collator, bins, mask_bands, mask_width, seed=seed, warp=warp)
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=train_examples, data_collator=collator)
     result = trainer.train()
