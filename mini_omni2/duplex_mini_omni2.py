@@ -8,8 +8,8 @@ step (one codec frame = 2,048 samples at 24 kHz = 85.3 ms = one step) and its te
 - :class:`MiniOmni2ListenFrontEnd`: microphone chunks of any size and rate -> whole frames as they complete, either
   log-mel feature vectors (``listen_input="features"``, for the model's ``listen_projector``) or the codec's 7 codes
   (``listen_input="codec"``, SNAC's encoder run on windows with context, so the codes equal a one-shot encode);
-- :class:`MiniOmni2Listener`: runs listening rows alone, one step per frame with a KV cache, exactly as a decoding
-  engine runs them beside the speaking rows (the reference for the engine, and what the benchmark evaluates);
+- :class:`MiniOmni2Listener`: listening rows alone on the decoding engine (its ``ListenGroup``), every frame's
+  P(irq) read: what the benchmark evaluates;
 - :class:`DuplexSession`: a spoken conversation on the decoding engine: microphone chunks in, text deltas, speech
   chunks and events (``speaking``, ``interrupted``, ``listening``) out; its listening row is the engine's
   :class:`~.engine_mini_omni2.ListenGroup`.
@@ -30,8 +30,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .engine_mini_omni2 import DecodeGroup, DecodeSettings, EngineGroup, ListenGroup, ListenRule, MiniOmni2Engine
-from .engine_mini_omni2 import output_kinds
+from .engine_mini_omni2 import (
+    DecodeGroup,
+    DecodeSettings,
+    EngineGroup,
+    ListenGroup,
+    ListenRule,
+    MiniOmni2Engine,
+    check_listen_window,
+    output_kinds,
+)
 from .streaming_mini_omni2 import MiniOmni2Streamer, StreamEvent
 from .token_layout import LISTEN_CODEC, LISTEN_FEATURES, LISTEN_INPUTS, OUTPUT_SPEECH, TokenLayout
 
@@ -312,98 +320,36 @@ class MiniOmni2ListenFrontEnd:
 
 
 class MiniOmni2Listener:
-    """Listening rows run alone, one step per incoming frame with a KV cache, as the decoding engine runs them.
+    """Listening rows alone, each stream of frames from a fresh row: the engine's
+    :class:`~.engine_mini_omni2.ListenGroup` rows (one per stream, batched), with a rule that never commits, so that
+    every frame's P(irq) is read. What the benchmark evaluates is therefore exactly what a session runs.
 
-    ``start(batch_size)`` prefills ``batch_size`` listening prompts; each ``step(frames)`` feeds one frame per row
-    (``(B, feature_dim)`` features or ``(B, 7)`` codes, as :class:`MiniOmni2ListenFrontEnd` gives them) with the
-    state ``n_irq`` (the row ends at the first ``irq`` it commits to) and returns P(irq) per row from the text logits
-    restricted to ``irq``/``n_irq`` (:meth:`TokenLayout.listen_irq_probability`). Rows that must wait for a frame are
-    simply not stepped: a step is only taken with a frame for every row.
-
-    ``window_frames``: when the rows hold this many frames they restart (a new prompt, then the last
-    ``refeed_frames`` frames fed again without reading them), so rows never grow longer than those trained on.
+    ``window_frames`` / ``refeed_frames``: rows hand over to fresh rows as in :class:`~.engine_mini_omni2.ListenGroup`.
     """
 
     def __init__(self, model, window_frames: int | None = None, refeed_frames: int = 0):
+        check_listen_window(window_frames, refeed_frames)
         self.model = model
-        self.config = model.config
-        self.layout: TokenLayout = self.config.token_layout
-        if window_frames is not None and not 0 <= refeed_frames < window_frames:
-            raise ValueError(f"need 0 <= refeed_frames ({refeed_frames}) < window_frames ({window_frames})")
         self.window_frames = window_frames
         self.refeed_frames = refeed_frames
-        self.cache = None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _inputs(self, frames: torch.Tensor | None, batch_size: int) -> dict:
-        """Model inputs of one step (``frames`` (B, ...)) or of the prompt (``frames`` None)."""
-        layout = self.layout
-        if frames is None:
-            ids = torch.tensor(layout.build_listen_prompt().streams, dtype=torch.long)
-            return {"input_ids": ids[None].expand(batch_size, -1, -1).to(self.device)}
-        if self.config.listen_input == LISTEN_FEATURES:
-            dim = self.config.listen_feature_dim
-            if frames.ndim != 2 or frames.shape[1] != dim:
-                raise ValueError(f"feature frames must have shape (batch, {dim}), got {tuple(frames.shape)}")
-            ids = torch.tensor(layout.listen_step(None), dtype=torch.long)[None, :, None].expand(batch_size, -1, 1)
-            return {
-                "input_ids": ids.to(self.device),
-                "listen_features": frames[:, None].to(self.device, torch.float32),
-                "listen_feature_mask": torch.ones(batch_size, 1, dtype=torch.bool, device=self.device),
-            }
-        ids = torch.tensor([layout.listen_step(frame) for frame in frames], dtype=torch.long)
-        return {"input_ids": ids[:, :, None].to(self.device)}
-
-    def _forward(self, inputs: dict) -> torch.Tensor:
-        out = self.model(**inputs, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        return out.text_logits[:, -1]
-
-    @torch.no_grad()
-    def start(self, batch_size: int = 1) -> None:
-        """New listening rows: prefill their prompts."""
-        from transformers import DynamicCache
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
-        self.cache = DynamicCache(config=self.config.text_config)
-        self._recent: list[torch.Tensor] = []  # the last `refeed_frames` frames
-        self._row_frames = 0
-        self._forward(self._inputs(None, batch_size))
-
-    def _feed(self, frames: torch.Tensor) -> torch.Tensor:
-        self._row_frames += 1
-        if self.refeed_frames:
-            self._recent = (self._recent + [frames])[-self.refeed_frames :]
-        return self._forward(self._inputs(frames, self.batch_size))
-
-    @torch.no_grad()
-    def step(self, frames: torch.Tensor) -> torch.Tensor:
-        """Feed one frame per row; return P(irq) per row, shape (B,)."""
-        if self.cache is None:
-            raise ValueError("call start(batch_size) first")
-        frames = torch.as_tensor(frames)
-        if frames.shape[0] != self.batch_size:
-            raise ValueError(f"got {frames.shape[0]} frames for {self.batch_size} rows")
-        if self.window_frames is not None and self._row_frames >= self.window_frames:
-            refeed = self._recent
-            self.start(self.batch_size)
-            for previous in refeed:
-                self._feed(previous)
-        logits = self._feed(frames)
-        return self.layout.listen_irq_probability(logits).cpu()
 
     @torch.no_grad()
     def run(self, frames: torch.Tensor) -> torch.Tensor:
-        """P(irq) of every frame of a batch of streams (B, T, ...) run step by step from a fresh start: (B, T)."""
+        """P(irq) of every frame of a batch of streams (B, T, ...) (``(B, T, feature_dim)`` features or
+        ``(B, T, 7)`` codes, as :class:`MiniOmni2ListenFrontEnd` gives them): (B, T)."""
         frames = torch.as_tensor(frames)
-        self.start(frames.shape[0])
-        probabilities = [self.step(frames[:, t]) for t in range(frames.shape[1])]
-        return torch.stack(probabilities, dim=1) if probabilities else torch.zeros(frames.shape[0], 0)
+        engine = MiniOmni2Engine(self.model)
+        report_only = ListenRule(0.5, frames.shape[1] + 1)  # no row commits: every frame is read
+        rows = []
+        for stream in frames:
+            row = ListenGroup(self.model, rule=report_only, window_frames=self.window_frames,
+                              refeed_frames=self.refeed_frames)
+            row.push(stream)
+            rows.append(engine.add(row))
+        while engine.has_work() and not engine.idle:
+            engine.step()
+        probabilities = [[p for part in row.chain() for p in part.probabilities] for row in rows]
+        return torch.tensor(probabilities, dtype=torch.float32).reshape(frames.shape[:2])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,8 +443,7 @@ class DuplexSession:
         window_frames: int | None = 192,
         refeed_frames: int = 24,
     ) -> None:
-        if window_frames is not None and not 0 <= refeed_frames < window_frames:
-            raise ValueError(f"need 0 <= refeed_frames ({refeed_frames}) < window_frames ({window_frames})")
+        check_listen_window(window_frames, refeed_frames)
         self.window_frames, self.refeed_frames = window_frames, refeed_frames
         self.model = model
         self.config = model.config

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -37,7 +36,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput
 
 from .streaming_mini_omni2 import StreamStep
-from .token_layout import OUTPUT_ASR, OUTPUT_SPEECH, OUTPUT_TEXT, TASKS, TokenLayout, task_name
+from .token_layout import LISTEN_FEATURES, OUTPUT_ASR, OUTPUT_SPEECH, OUTPUT_TEXT, TASKS, TokenLayout, task_name
 
 #: The release's sampling settings (SPEC §6): temperature 0.9, top_k 1 (effectively greedy), top_p 1.0.
 RELEASE_SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 1, "top_p": 1.0}
@@ -1121,14 +1120,27 @@ class ListenRule:
         if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 1:
             raise ValueError(f"min_frames must be an int >= 1, got {self.min_frames!r}")
 
+    def run_after(self, run: int, probability: float) -> int:
+        """The count of consecutive frames at the threshold, after a frame with this P(irq)."""
+        return run + 1 if float(probability) >= self.threshold else 0
+
+    def commits(self, run: int) -> bool:
+        return run >= self.min_frames
+
     def first_irq(self, probabilities) -> int | None:
         """The frame at which a row with these P(irq) per frame commits to ``irq`` (None: never)."""
         run = 0
         for k, p in enumerate(probabilities):
-            run = run + 1 if float(p) >= self.threshold else 0
-            if run >= self.min_frames:
+            run = self.run_after(run, p)
+            if self.commits(run):
                 return k
         return None
+
+
+def check_listen_window(window_frames: int | None, refeed_frames: int) -> None:
+    """A listening row's hand-over (``ListenGroup(window_frames=, refeed_frames=)``) must keep fresh frames."""
+    if window_frames is not None and not 0 <= refeed_frames < window_frames:
+        raise ValueError(f"need 0 <= refeed_frames ({refeed_frames}) < window_frames ({window_frames})")
 
 
 class ListenGroup(EngineGroup):
@@ -1170,12 +1182,11 @@ class ListenGroup(EngineGroup):
         first_frame: int = 0,
     ) -> None:
         super().__init__(1)
-        if window_frames is not None and not 0 <= refeed_frames < window_frames:
-            raise ValueError(f"need 0 <= refeed_frames ({refeed_frames}) < window_frames ({window_frames})")
+        check_listen_window(window_frames, refeed_frames)
         config = model.config
         self.model = model
         self.layout: TokenLayout = config.token_layout
-        self.features = config.listen_input == "features"
+        self.features = config.listen_input == LISTEN_FEATURES
         self.feature_dim = config.listen_feature_dim
         self.speaking = speaking
         self.rule = rule or ListenRule()
@@ -1218,12 +1229,16 @@ class ListenGroup(EngineGroup):
                 return
         self.successor.push(frames)
 
+    def chain(self) -> list["ListenGroup"]:
+        """This row and the rows that took over from it, in order."""
+        rows = [self]
+        while rows[-1].successor is not None:
+            rows.append(rows[-1].successor)
+        return rows
+
     def current(self) -> "ListenGroup":
         """The row that listens now: this one, or the last of its successors."""
-        row = self
-        while row.successor is not None:
-            row = row.successor
-        return row
+        return self.chain()[-1]
 
     @property
     def heard_total(self) -> int:
@@ -1282,8 +1297,8 @@ class ListenGroup(EngineGroup):
             probability = float(self.layout.listen_irq_probability(text_scores[0]))
             self.probabilities.append(probability)
             self.heard += 1
-            self._run = self._run + 1 if probability >= self.rule.threshold else 0
-            if self._run >= self.rule.min_frames:
+            self._run = self.rule.run_after(self._run, probability)
+            if self.rule.commits(self._run):
                 self._interrupt()
                 return
         if self.window_frames is not None and self.fed >= self.window_frames:

@@ -119,9 +119,7 @@ def test_a_long_answer_hands_listening_over_to_fresh_rows(codec_model, processor
         if session.state == "speaking":
             session.listen_group.push(torch.full((1, 7), k))
         events += session.step()
-    rows = [session.listen_group]
-    while rows[-1].successor is not None:
-        rows.append(rows[-1].successor)
+    rows = session.listen_group.chain()
     # fed frames per row: 6, then 2 refed + 4 new, ...; frames read: 6, 4, 4 (the 14th, frame 13, interrupts)
     assert [r.heard for r in rows] == [6, 4, 4] and [r.context_frames for r in rows] == [0, 2, 2]
     assert [r.first_frame for r in rows] == [0, 6, 10]
