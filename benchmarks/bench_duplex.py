@@ -28,6 +28,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mini_omni2.training.duplex import DETECTION_WINDOW_SECONDS  # noqa: E402
+
 GOALS = {"detection": 0.95, "median_delay_ms": 500.0, "false_per_10min": 1.0}
 
 
@@ -115,6 +117,7 @@ def proof(args) -> dict:
             text={"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
                   "head_dim": args.hidden // 4},
             adapter_intermediate_size=args.adapter,
+            listen_feature_config={"num_mel_bins": args.mel_bins},
         )
         model = MiniOmni2ForConditionalGeneration(config)
     if model.config.listen_input != "features":
@@ -122,10 +125,10 @@ def proof(args) -> dict:
     front_end = model.listen_front_end()
 
     start = time.perf_counter()
-    test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers, tail_seconds=(2.0, 10.0))
+    test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers, tail_seconds=(DETECTION_WINDOW_SECONDS, 10.0))
     # validation: unseen clips of the train split (its voices, words and kinds), to choose the decision rule
     validation = make_examples("train", args.val_clips, front_end, args.seed, start=args.train_clips,
-                               workers=args.workers, tail_seconds=(2.0, 10.0))
+                               workers=args.workers, tail_seconds=(DETECTION_WINDOW_SECONDS, 10.0))
     timings["test_data_s"] = time.perf_counter() - start
     result: dict = {}
     if not args.model:
@@ -136,7 +139,7 @@ def proof(args) -> dict:
         output = train_listener(
             model, tiny_processor(vision=False), train, args.output_dir, max_steps=args.steps,
             batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-            mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp,
+            mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp, tail_seconds=args.tail_seconds or None,
         )
         timings["train_s"] = time.perf_counter() - start
         result["train_loss"] = output.training_loss
@@ -291,18 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="evaluate this saved model (features input) instead of training one")
     parser.add_argument("--save", help="save the trained model here")
     parser.add_argument("--output-dir", default="/tmp/bench_duplex", help="Trainer's output directory")
-    parser.add_argument("--train-clips", type=int, default=6000)
+    parser.add_argument("--train-clips", type=int, default=9000)
     parser.add_argument("--test-clips", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--adapter", type=int, default=256, help="intermediate width of the listening adapter")
+    parser.add_argument("--mel-bins", type=int, default=64, help="log-mel bins of the listening features")
     parser.add_argument("--mask-bands", type=int, default=0, help="mel bands masked per training row (SpecAugment)")
     parser.add_argument("--mask-width", type=int, default=8, help="widest masked band, in mel bins")
     parser.add_argument("--warp", type=float, default=0.0, help="stretch each training row's mel axis by 1 +- warp")
-    parser.add_argument("--val-clips", type=int, default=300, help="unseen train-split clips to choose the rule on")
+    parser.add_argument("--tail-seconds", type=float, default=DETECTION_WINDOW_SECONDS,
+                        help="train on each row up to this long after its first irq label (0: the whole tail)")
+    parser.add_argument("--val-clips", type=int, default=1000, help="unseen train-split clips to choose the rule on")
     parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")
     parser.add_argument("--window", type=int, default=0, help="restart listening rows after this many frames (0: never)")

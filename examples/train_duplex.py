@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="2e-3 for the tiny model; ~2e-4 for 0.5 B")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--logging-steps", type=int, default=50)
+    parser.add_argument("--tail-seconds", type=float,
+                        help="train on each clip up to this long after the command (default: the detection window, "
+                             "2 s; 0: all of it; docs/duplex.md)")
     return parser
 
 
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, processor, dataset, args.output_dir, max_steps=args.max_steps,
         batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps,
+        **({} if args.tail_seconds is None else {"tail_seconds": args.tail_seconds or None}),
     )
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)

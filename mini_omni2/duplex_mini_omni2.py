@@ -426,8 +426,8 @@ class DuplexSession:
         submit: hands groups to the engine (default ``engine.add``, from the thread that steps it).
         streamer_kwargs: options of the answer's :class:`~.streaming_mini_omni2.MiniOmni2Streamer`.
         window_frames, refeed_frames: a listening row fed ``window_frames`` frames hands over to a fresh one that
-            hears the last ``refeed_frames`` again (:class:`~.engine_mini_omni2.ListenGroup`); the default 192 / 24
-            (16.4 s / 2 s) keeps rows within the proof's training clips (up to 225 frames). ``None``: one row.
+            hears the last ``refeed_frames`` again (:class:`~.engine_mini_omni2.ListenGroup`); the default 168 / 24
+            (14.3 s / 2 s) keeps rows within the proof's training rows (up to 176 frames). ``None``: one row.
     """
 
     def __init__(
@@ -440,7 +440,7 @@ class DuplexSession:
         on_event: Callable[[DuplexEvent], None] | None = None,
         submit: Callable[[EngineGroup], None] | None = None,
         streamer_kwargs: dict | None = None,
-        window_frames: int | None = 192,
+        window_frames: int | None = 168,
         refeed_frames: int = 24,
     ) -> None:
         check_listen_window(window_frames, refeed_frames)

@@ -131,6 +131,28 @@ def test_collator_builds_listening_rows_beside_other_rows(features_model, proces
     assert out.stream_losses[7] > 0 and torch.isfinite(out.loss)
 
 
+def test_collator_keeps_listen_tail_frames_after_the_first_irq(features_model, processor_no_vision):
+    from mini_omni2.training.collator import listen_row_length
+
+    assert listen_row_length([0, 0, 1, 1, 1, 1], 2) == 4  # the first irq frame and the next one
+    assert listen_row_length([0, 0, 1, 1], 5) == 4 and listen_row_length([0, 0, 0], 1) == 3  # no irq: all
+    assert listen_row_length([0, 1, 1, 1], None) == 4
+    dim = features_model.config.listen_feature_dim
+    features = np.arange(6 * dim, dtype=np.float32).reshape(6, dim)
+    example = {"task": LISTEN_TASK, "listen_features": features, "frame_labels": [0, 0, 1, 1, 1, 1]}
+    batch = MiniOmni2DataCollator(processor_no_vision, listen_tail_frames=2)([example])
+    assert batch["listen_feature_mask"][0].nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert torch.equal(batch["listen_features"][0, 1:5], torch.as_tensor(features[:4]))
+    layout = features_model.config.token_layout
+    assert batch["labels"][0, 7].tolist() == [IGNORE_INDEX, IGNORE_INDEX, layout.n_irq, layout.n_irq, layout.irq,
+                                              layout.irq]
+    with pytest.raises(ValueError, match="listen_tail_frames"):
+        MiniOmni2DataCollator(processor_no_vision, listen_tail_frames=0)
+    mismatched = {**example, "frame_labels": [0, 1, 1]}  # still refused, not cut to fit
+    with pytest.raises(ValueError, match="6 feature frames but 3 frame labels"):
+        MiniOmni2DataCollator(processor_no_vision, listen_tail_frames=1)([mismatched])
+
+
 def test_collator_computes_listening_inputs_from_raw_clips(codec_model, processor_no_vision):
     front_end = codec_model.listen_front_end()
     seconds = front_end.frame_seconds
@@ -359,6 +381,19 @@ def test_test_split_holds_voices_words_and_noises_never_used_in_training():
         split_voices("dev")
 
 
+def test_random_voice_variants_are_fixed_distinct_and_spoken_by_espeak():
+    from mini_omni2.training.duplex_data import ACCENTS, RANDOM_VARIANTS, random_variant, speak, split_voices
+
+    assert random_variant(7) == random_variant(7) and random_variant(7) != random_variant(8)
+    lines = random_variant(7).splitlines()
+    assert lines[:2] == ["language variant", "name mo2rnd7"]
+    assert sum(line.startswith("formant ") for line in lines) == 9
+    assert all("klatt 3" != line for i in range(50) for line in random_variant(i).splitlines())  # the test split's
+    made_up = [v for v in split_voices("train") if "+mo2rnd" in v]
+    assert len(made_up) == RANDOM_VARIANTS["train"] * len(ACCENTS["train"]) and not any("+mo2rnd" in v for v in split_voices("test"))
+    plain, varied = speak("stop omni", "en-us"), speak("stop omni", "en-us+mo2rnd0")
+    assert varied.size > 0 and not np.array_equal(plain[: varied.size], varied[: plain.size])
+
 def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):
     import datasets
 
@@ -514,3 +549,18 @@ def test_mel_warping_stretches_the_mel_axis_of_each_listening_row(features_model
     assert torch.allclose(rows, _stretch_mels(torch.from_numpy(ramp_frames).view(4, -1, bins), factor), atol=1e-5)
     with pytest.raises(ValueError, match="warp must be in"):
         FeatureBandMasking(None, bins, warp=1.0)
+
+
+def test_example_train_duplex_script_trains_and_saves(tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_duplex.py")
+    spec = importlib.util.spec_from_file_location("mini_omni2_example_train_duplex", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "duplex"
+    summary = script.main(["--output-dir", str(out), "--train-clips", "4", "--max-steps", "2",
+                           "--per-device-train-batch-size", "2", "--warmup-steps", "0", "--tail-seconds", "1.0"])
+    assert summary["steps"] == 2 and summary["examples"] == 4 and summary["listen_input"] == "features"
+    assert (out / "train_summary.json").exists() and (out / "config.json").exists()

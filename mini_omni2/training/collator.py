@@ -127,6 +127,16 @@ def build_listen_training_row(
     return TrainingRow(input_ids, label_streams, [], [], prompt, listen_positions=row.listen_positions)
 
 
+def listen_row_length(frame_labels: Sequence[int], tail_frames: int | None) -> int:
+    """How many frames of a listening example a training row keeps: all of them, or, with ``tail_frames``, up to
+    ``tail_frames`` after the first ``irq`` label (frames are causal: cutting the end changes nothing before it)."""
+    labels = np.asarray(frame_labels).reshape(-1)
+    irq = np.flatnonzero(labels == 1)
+    if tail_frames is None or irq.size == 0:
+        return len(labels)
+    return min(len(labels), int(irq[0]) + tail_frames)
+
+
 #: The columns of a built training row (``MiniOmni2Preprocessor(training_rows=True)``). Every one is an argument of the
 #: model's ``forward``, so transformers' ``Trainer`` keeps them with its default ``remove_unused_columns=True``.
 ROW_FIELDS = (
@@ -175,6 +185,9 @@ class MiniOmni2DataCollator:
         listen_front_end: the model's :class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`
             (``model.listen_front_end()``), for listening examples (``task="LISTEN"``) given as raw audio; those given
             as ``listen_features``/``listen_codes`` with ``frame_labels`` need none.
+        listen_tail_frames: keep a listening row's frames only up to this many after its first ``irq`` label
+            (:func:`listen_row_length`; None keeps them all). A row ends at its first committed ``irq``, so what it
+            would say long after the command is never used; labels there only teach it to remember the command.
 
     Listening examples become listening rows (:func:`build_listen_training_row`), and may be mixed with any other
     examples in a batch. Their feature vectors come as ``listen_features`` (batch, seq, dim) with
@@ -198,6 +211,7 @@ class MiniOmni2DataCollator:
         batch_parallel_twins: bool = False,
         truncate_audio: bool = False,
         listen_front_end: Any = None,
+        listen_tail_frames: int | None = None,
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -211,7 +225,12 @@ class MiniOmni2DataCollator:
         self.max_length = max_length if max_length is not None else getattr(processor, "model_max_length", None)
         self.batch_parallel_twins = batch_parallel_twins
         self.truncate_audio = truncate_audio
+        if listen_tail_frames is not None and (
+            isinstance(listen_tail_frames, bool) or not isinstance(listen_tail_frames, int) or listen_tail_frames < 1
+        ):
+            raise ValueError(f"listen_tail_frames must be a positive int or None, got {listen_tail_frames!r}")
         self.listen_front_end = listen_front_end
+        self.listen_tail_frames = listen_tail_frames
 
     @property
     def layout(self) -> TokenLayout:
@@ -234,8 +253,14 @@ class MiniOmni2DataCollator:
         has_codes, has_features = _present(codes), _present(features)
         if has_codes == has_features:
             raise ValueError("a listening example needs exactly one of listen_features or listen_codes")
+        frame_labels = np.asarray(prepared["frame_labels"]).reshape(-1)
+        frames = codes if has_codes else features
+        if len(frames) == len(frame_labels):  # a mismatch is left to build_listen_training_row to refuse
+            keep = listen_row_length(frame_labels, self.listen_tail_frames)
+            frame_labels, frames = frame_labels[:keep], np.asarray(frames)[:keep]
+            codes, features = (frames, features) if has_codes else (codes, frames)
         num_frames = len(features) if has_features else None
-        row = build_listen_training_row(self.layout, prepared["frame_labels"], codes if has_codes else None, num_frames)
+        row = build_listen_training_row(self.layout, frame_labels, codes if has_codes else None, num_frames)
         if has_features:
             vectors = torch.as_tensor(np.asarray(features, dtype=np.float32))
             if vectors.ndim != 2:
@@ -627,6 +652,7 @@ __all__ = [
     "TrainingRow",
     "build_training_row",
     "build_listen_training_row",
+    "listen_row_length",
     "MiniOmni2DataCollator",
     "PARTS",
     "STAGE_PARTS",

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,6 +21,10 @@ from .duplex_data import listen_inputs
 from ..engine_mini_omni2 import ListenRule
 from ..tiny import TINY_TEXT
 from ..token_layout import LISTEN_FEATURES
+
+#: How late after the end of "stop omni" an ``irq`` still counts as hearing it (seconds): the evaluation's detection
+#: window, and how much of a clip's tail training keeps (a row ends at its first ``irq``; later labels go unused).
+DETECTION_WINDOW_SECONDS = 2.0
 
 #: The tiny language model of the proof (docs/duplex.md): the test models' (~0.2 M parameters), with Qwen2's usual
 #: RoPE base of 10,000 (a row of a few hundred positions).
@@ -107,6 +112,7 @@ def train_listener(
     mask_bands: int = 0,
     mask_width: int = 8,
     warp: float = 0.0,
+    tail_seconds: float | None = DETECTION_WINDOW_SECONDS,
     **overrides,
 ):
     """Train ``model`` (stage 3: language model, head and adapters) on ``train_examples`` with ``Trainer``.
@@ -114,8 +120,11 @@ def train_listener(
     ``train_examples``: a ``datasets.Dataset``, a torch dataset or a list of examples (listening examples, optionally
     mixed with any other examples of docs/training.md). ``mask_bands`` > 0 masks that many random mel bands of up to
     ``mask_width`` bins per listening row, ``warp`` > 0 stretches its mel axis (:class:`FeatureBandMasking`; features
-    input). Returns the ``TrainOutput``;
-    the model is left in eval mode.
+    input). ``tail_seconds`` keeps each listening row only up to that long after its first ``irq`` label
+    (``MiniOmni2DataCollator(listen_tail_frames=...)``; None keeps it all): a row ends at its first ``irq``, and one
+    later than :data:`DETECTION_WINDOW_SECONDS` after the command is a miss anyway, so labels there only teach the row
+    to remember the command, and in the proof they cost it detections and false interrupts (docs/duplex.md). Returns
+    the ``TrainOutput``; the model is left in eval mode.
     """
     from transformers import Trainer
 
@@ -138,7 +147,11 @@ def train_listener(
         dataloader_num_workers=0,
         **overrides,
     )
-    collator = MiniOmni2DataCollator(processor, listen_front_end=model.listen_front_end())
+    if tail_seconds is not None and not tail_seconds > 0:
+        raise ValueError(f"tail_seconds must be > 0 or None, got {tail_seconds!r}")
+    frame_seconds = model.config.listen_frame_samples / model.config.listen_sampling_rate
+    tail_frames = None if tail_seconds is None else math.ceil(tail_seconds / frame_seconds)
+    collator = MiniOmni2DataCollator(processor, listen_front_end=model.listen_front_end(), listen_tail_frames=tail_frames)
     if mask_bands or warp:
         bins = model.config.listen_feature_config["num_mel_bins"]
         collator = FeatureBandMasking(collator, bins, mask_bands, mask_width, seed=seed, warp=warp)
@@ -259,7 +272,7 @@ def evaluate_listener(
     examples: Sequence[dict],
     threshold: float = 0.5,
     min_frames: int = 1,
-    max_delay: float = 2.0,
+    max_delay: float = DETECTION_WINDOW_SECONDS,
     batch_size: int = 32,
     probabilities: Sequence[np.ndarray] | None = None,
     **listener_kwargs,
@@ -276,6 +289,7 @@ def evaluate_listener(
 
 
 __all__ = [
+    "DETECTION_WINDOW_SECONDS",
     "DUPLEX_TINY_TEXT",
     "duplex_tiny_config",
     "prepare_listen_examples",

@@ -18,9 +18,12 @@ builds a dataset; :class:`DuplexPreprocessor` maps it to listening inputs and fr
 
 from __future__ import annotations
 
+import atexit
 import io
+import os
 import shutil
 import subprocess
+import tempfile
 import zlib
 from functools import lru_cache
 from typing import Iterator, Sequence
@@ -55,6 +58,14 @@ VARIANTS = {
         "robert", "steph2", "travis",
     ),
 }
+#: Made-up voice variants per split (:func:`random_variant`): espeak-ng offers a few dozen hand-made variants, too few
+#: for a listener to learn the command rather than the voices; the train split adds this many random ones (formants,
+#: pitch, voice quality). The test split has none: its voices are all hand-made variants training never hears.
+RANDOM_VARIANTS = {"train": 150, "test": 0}
+RANDOM_VARIANT_PREFIX = "mo2rnd"
+#: Klatt synthesiser modes a random variant may use (the test split's ``klatt3`` is not among them).
+RANDOM_VARIANT_KLATT = (1, 2, 4, 5, 6)
+
 #: Background kinds per split. Noise and music: the test split's (pink noise, chords) are never heard in training;
 #: speech (one talker) and babble (3-6 talkers) occur in both, with each split's own voices and words.
 KINDS = {
@@ -100,12 +111,82 @@ def installed_variants() -> frozenset[str]:
 
 
 def split_voices(split: str) -> list[str]:
-    """The espeak-ng voices (``accent+variant``) of a split; an espeak-ng lacking a variant is an error."""
+    """The espeak-ng voices (``accent+variant``) of a split: its hand-made variants, then its random ones
+    (:data:`RANDOM_VARIANTS`); an espeak-ng lacking a hand-made variant is an error."""
     _check_split(split)
     missing = sorted(set(VARIANTS[split]) - installed_variants())
     if missing:
         raise RuntimeError(f"this espeak-ng lacks the voice variants {missing} of split {split!r}")
-    return [f"{accent}+{variant}" for accent in ACCENTS[split] for variant in VARIANTS[split]]
+    variants = list(VARIANTS[split]) + [f"{RANDOM_VARIANT_PREFIX}{i}" for i in range(RANDOM_VARIANTS[split])]
+    return [f"{accent}+{variant}" for accent in ACCENTS[split] for variant in variants]
+
+
+def random_variant(index: int) -> str:
+    """The text of made-up espeak-ng voice variant ``index`` (a pure function of it). Every setting is drawn within
+    the span of the train split's hand-made variants (read off their files; none from the test split's): a vocal tract
+    length that scales the vowel formants 0-3 together (each then jittered), free upper formants 4-8, their heights
+    and widths, a pitch base and range, voicing and consonant strength, and now and then a tone (bass/mid/treble)
+    curve, echo, breathiness, flutter and roughness; a third use the Klatt synthesiser (never the test's mode 3)."""
+    rng = np.random.default_rng([zlib.crc32(b"espeak-variant"), index])
+
+    def draw(low: float, high: float) -> int:
+        return int(round(rng.uniform(low, high)))
+
+    low_voice = rng.random() < 0.5
+    base = draw(50, 135) if low_voice else draw(130, 240)
+    tract = rng.uniform(0.8, 1.05) if low_voice else rng.uniform(1.0, 1.3)
+    lines = ["language variant", f"name {RANDOM_VARIANT_PREFIX}{index}", f"pitch {base} {min(390, draw(base * 1.1, base * 2.0))}"]
+    for formant in range(9):
+        frequency = 100 * tract * rng.uniform(0.85, 1.15) if formant <= 3 else rng.uniform(40, 150)
+        height, width = (draw(50, 150), draw(40, 170)) if formant <= 3 else (draw(0, 150), draw(20, 150))
+        lines.append(f"formant {formant} {frequency:.0f} {height} {width}")
+    lines += [
+        f"voicing {draw(30, 530)}",
+        f"consonants {draw(30, 190)} {draw(20, 250)}",
+        f"intonation {int(rng.integers(1, 4))}",
+        f"flutter {draw(0, 20)}",
+        f"roughness {draw(0, 4)}",
+        f"stressAdd {' '.join(str(draw(-30, 140)) for _ in range(8))}",
+    ]
+    if rng.random() < 0.5:
+        lines.append(f"tone {draw(60, 650)} {draw(130, 255)} {draw(650, 1500)} {draw(70, 255)} {draw(1500, 4000)} {draw(22, 255)}")
+    if rng.random() < 0.2:
+        lines.append(f"echo {draw(0, 140)} {draw(0, 80)}")
+    if rng.random() < 0.3:
+        lines.append("breath " + " ".join(str(draw(0, 10)) for _ in range(8)))
+    if rng.random() < 1 / 3:
+        lines.append(f"klatt {int(rng.choice(RANDOM_VARIANT_KLATT))}")
+    return "\n".join(lines) + "\n"
+
+
+def _system_data_dir() -> str:
+    """espeak-ng's ``espeak-ng-data`` directory (``espeak-ng --version`` names it)."""
+    out = subprocess.run([_espeak(), "--version"], check=True, capture_output=True, text=True).stdout
+    path = out.split("Data at:")[-1].strip() if "Data at:" in out else ""
+    if not os.path.isdir(os.path.join(path, "voices")):
+        raise RuntimeError(f"cannot find espeak-ng's data directory in `espeak-ng --version`: {out.strip()!r}")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _random_variant_path() -> str:
+    """A private espeak-ng data path (for ``--path``): links to the system's data, and the random variants as
+    ``voices/!v/<name>``. Made once per process, removed at exit."""
+    system = _system_data_dir()
+    root = tempfile.mkdtemp(prefix="mini-omni2-espeak-")
+    atexit.register(shutil.rmtree, root, True)
+    data = os.path.join(root, "espeak-ng-data")
+    os.makedirs(os.path.join(data, "voices", "!v"))
+    for entry in os.listdir(system):
+        if entry != "voices":
+            os.symlink(os.path.join(system, entry), os.path.join(data, entry))
+    for entry in os.listdir(os.path.join(system, "voices")):
+        if entry != "!v":
+            os.symlink(os.path.join(system, "voices", entry), os.path.join(data, "voices", entry))
+    for index in range(max(RANDOM_VARIANTS.values())):
+        with open(os.path.join(data, "voices", "!v", f"{RANDOM_VARIANT_PREFIX}{index}"), "w") as f:
+            f.write(random_variant(index))
+    return root
 
 
 @lru_cache(maxsize=4096)
@@ -116,8 +197,9 @@ def speak(text: str, voice: str, speed: int = 175, pitch: int = 50) -> np.ndarra
     import soundfile
     import soxr
 
+    path = ["--path", _random_variant_path()] if f"+{RANDOM_VARIANT_PREFIX}" in voice else []
     result = subprocess.run(
-        [_espeak(), "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
+        [_espeak(), *path, "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
         check=True,
         capture_output=True,
     )
@@ -370,6 +452,8 @@ __all__ = [
     "SPLITS",
     "ACCENTS",
     "VARIANTS",
+    "RANDOM_VARIANTS",
+    "random_variant",
     "KINDS",
     "WORDS",
     "split_voices",
