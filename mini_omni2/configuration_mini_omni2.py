@@ -217,6 +217,11 @@ class MiniOmni2Config(PreTrainedConfig):
         return int(math.prod(codec["encoder_rates"])) * int(codec["vq_strides"][0])
 
     @property
+    def listen_frame_seconds(self) -> float:
+        """Duration of one listening frame (85.3 ms): how the listening row's frames map to time."""
+        return self.listen_frame_samples / self.listen_sampling_rate
+
+    @property
     def listen_feature_dim(self) -> int | None:
         """Width of one frame's feature vector entering the listening adapter; None for codec input."""
         if self.listen_input != LISTEN_FEATURES:

@@ -1,6 +1,8 @@
 """Duplex interruption (extension, docs/duplex.md): the listening row's ids, layout and labels, its front end, the
 model's listening adapter, the step-by-step listener, the synthetic data, and a small trained model that detects."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -133,10 +135,13 @@ def test_collator_builds_listening_rows_beside_other_rows(features_model, proces
 
 def test_collator_keeps_listen_tail_frames_after_the_first_irq(features_model, processor_no_vision):
     from mini_omni2.training.collator import listen_row_length
+    from mini_omni2.training.duplex import DETECTION_WINDOW_SECONDS
 
     assert listen_row_length([0, 0, 1, 1, 1, 1], 2) == 4  # the first irq frame and the next one
     assert listen_row_length([0, 0, 1, 1], 5) == 4 and listen_row_length([0, 0, 0], 1) == 3  # no irq: all
     assert listen_row_length([0, 1, 1, 1], None) == 4
+    assert features_model.config.listen_frame_seconds == 2048 / 24000  # one codec frame, one decoding step
+    assert math.ceil(DETECTION_WINDOW_SECONDS / features_model.config.listen_frame_seconds) == 24  # train_listener's cut
     dim = features_model.config.listen_feature_dim
     features = np.arange(6 * dim, dtype=np.float32).reshape(6, dim)
     example = {"task": LISTEN_TASK, "listen_features": features, "frame_labels": [0, 0, 1, 1, 1, 1]}

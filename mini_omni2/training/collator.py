@@ -215,7 +215,9 @@ class MiniOmni2DataCollator:
     ):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        for name, value in (("pad_to_multiple_of", pad_to_multiple_of), ("max_length", max_length)):
+        positive = (("pad_to_multiple_of", pad_to_multiple_of), ("max_length", max_length),
+                    ("listen_tail_frames", listen_tail_frames))
+        for name, value in positive:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self.processor = processor
@@ -225,10 +227,6 @@ class MiniOmni2DataCollator:
         self.max_length = max_length if max_length is not None else getattr(processor, "model_max_length", None)
         self.batch_parallel_twins = batch_parallel_twins
         self.truncate_audio = truncate_audio
-        if listen_tail_frames is not None and (
-            isinstance(listen_tail_frames, bool) or not isinstance(listen_tail_frames, int) or listen_tail_frames < 1
-        ):
-            raise ValueError(f"listen_tail_frames must be a positive int or None, got {listen_tail_frames!r}")
         self.listen_front_end = listen_front_end
         self.listen_tail_frames = listen_tail_frames
 
@@ -257,8 +255,11 @@ class MiniOmni2DataCollator:
         frames = codes if has_codes else features
         if len(frames) == len(frame_labels):  # a mismatch is left to build_listen_training_row to refuse
             keep = listen_row_length(frame_labels, self.listen_tail_frames)
-            frame_labels, frames = frame_labels[:keep], np.asarray(frames)[:keep]
-            codes, features = (frames, features) if has_codes else (codes, frames)
+            frame_labels = frame_labels[:keep]
+            if has_codes:
+                codes = np.asarray(codes)[:keep]
+            else:
+                features = np.asarray(features)[:keep]
         num_frames = len(features) if has_features else None
         row = build_listen_training_row(self.layout, frame_labels, codes if has_codes else None, num_frames)
         if has_features:

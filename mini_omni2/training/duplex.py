@@ -130,6 +130,8 @@ def train_listener(
 
     from .collator import MiniOmni2DataCollator, configure_stage, training_arguments
 
+    if tail_seconds is not None and not tail_seconds > 0:
+        raise ValueError(f"tail_seconds must be > 0 or None, got {tail_seconds!r}")
     configure_stage(model, 3)
     args = training_arguments(
         3,
@@ -147,11 +149,8 @@ def train_listener(
         dataloader_num_workers=0,
         **overrides,
     )
-    if tail_seconds is not None and not tail_seconds > 0:
-        raise ValueError(f"tail_seconds must be > 0 or None, got {tail_seconds!r}")
-    front_end = model.listen_front_end()
-    tail_frames = None if tail_seconds is None else math.ceil(tail_seconds / front_end.frame_seconds)
-    collator = MiniOmni2DataCollator(processor, listen_front_end=front_end, listen_tail_frames=tail_frames)
+    tail_frames = None if tail_seconds is None else math.ceil(tail_seconds / model.config.listen_frame_seconds)
+    collator = MiniOmni2DataCollator(processor, listen_front_end=model.listen_front_end(), listen_tail_frames=tail_frames)
     if mask_bands or warp:
         bins = model.config.listen_feature_config["num_mel_bins"]
         collator = FeatureBandMasking(collator, bins, mask_bands, mask_width, seed=seed, warp=warp)
@@ -281,7 +280,7 @@ def evaluate_listener(
     and :func:`summarize` them. ``probabilities`` reuses a previous run (e.g. to sweep the threshold)."""
     if probabilities is None:
         probabilities = listener_probabilities(model, examples, batch_size, **listener_kwargs)
-    frame_seconds = model.listen_front_end().frame_seconds
+    frame_seconds = model.config.listen_frame_seconds
     outcomes = [
         clip_outcome(e, p, frame_seconds, threshold, min_frames, max_delay) for e, p in zip(examples, probabilities)
     ]

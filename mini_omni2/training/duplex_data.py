@@ -168,6 +168,13 @@ def _system_data_dir() -> str:
     return path
 
 
+def _link_entries(source: str, target: str, but: str) -> None:
+    """Symlink every entry of ``source`` into ``target``, except ``but`` (made as a real directory instead)."""
+    for entry in os.listdir(source):
+        if entry != but:
+            os.symlink(os.path.join(source, entry), os.path.join(target, entry))
+
+
 @lru_cache(maxsize=1)
 def _random_variant_path() -> str:
     """A private espeak-ng data path (for ``--path``): links to the system's data, and the random variants as
@@ -177,12 +184,8 @@ def _random_variant_path() -> str:
     atexit.register(shutil.rmtree, root, True)
     data = os.path.join(root, "espeak-ng-data")
     os.makedirs(os.path.join(data, "voices", "!v"))
-    for entry in os.listdir(system):
-        if entry != "voices":
-            os.symlink(os.path.join(system, entry), os.path.join(data, entry))
-    for entry in os.listdir(os.path.join(system, "voices")):
-        if entry != "!v":
-            os.symlink(os.path.join(system, "voices", entry), os.path.join(data, "voices", entry))
+    _link_entries(system, data, but="voices")
+    _link_entries(os.path.join(system, "voices"), os.path.join(data, "voices"), but="!v")
     for index in range(max(RANDOM_VARIANTS.values())):
         with open(os.path.join(data, "voices", "!v", f"{RANDOM_VARIANT_PREFIX}{index}"), "w") as f:
             f.write(random_variant(index))
