@@ -399,6 +399,7 @@ def test_random_voice_variants_are_fixed_distinct_and_spoken_by_espeak():
     plain, varied = speak("stop omni", "en-us"), speak("stop omni", "en-us+mo2rnd0")
     assert varied.size > 0 and not np.array_equal(plain[: varied.size], varied[: plain.size])
 
+
 def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):
     import datasets
 
