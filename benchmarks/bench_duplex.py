@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mini_omni2.training.duplex import DETECTION_WINDOW_SECONDS  # noqa: E402
+from mini_omni2.training.duplex import DETECTION_WINDOW_SECONDS, LISTEN_WEIGHT_AVERAGING_DECAY  # noqa: E402
 
 GOALS = {"detection": 0.95, "median_delay_ms": 500.0, "false_per_10min": 1.0}
 
@@ -140,6 +140,7 @@ def proof(args) -> dict:
             model, tiny_processor(vision=False), train, args.output_dir, max_steps=args.steps,
             batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
             mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp, tail_seconds=args.tail_seconds or None,
+            weight_averaging=args.weight_averaging,
         )
         timings["train_s"] = time.perf_counter() - start
         result["train_loss"] = output.training_loss
@@ -308,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warp", type=float, default=0.0, help="stretch each training row's mel axis by 1 +- warp")
     parser.add_argument("--tail-seconds", type=float, default=DETECTION_WINDOW_SECONDS,
                         help="train on each row up to this long after its first irq label (0: the whole tail)")
+    parser.add_argument("--weight-averaging", type=float, default=LISTEN_WEIGHT_AVERAGING_DECAY,
+                        help="decay of the moving average of the weights the model ends with (0: the last weights)")
     parser.add_argument("--val-clips", type=int, default=1000, help="unseen train-split clips to choose the rule on")
     parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tail-seconds", type=float,
                         help="train on each clip up to this long after the command (default: the detection window, "
                              "2 s; 0: all of it; docs/duplex.md)")
+    parser.add_argument("--weight-averaging", type=float,
+                        help="decay of the moving average of the weights the model ends with (default: the "
+                             "recipe's, LISTEN_WEIGHT_AVERAGING_DECAY; 0: the last weights; docs/duplex.md)")
     return parser
 
 
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps,
         **({} if args.tail_seconds is None else {"tail_seconds": args.tail_seconds or None}),
+        **({} if args.weight_averaging is None else {"weight_averaging": args.weight_averaging}),
     )
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)

@@ -570,3 +570,56 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
                            "--per-device-train-batch-size", "2", "--warmup-steps", "0", "--tail-seconds", "1.0"])
     assert summary["steps"] == 2 and summary["examples"] == 4 and summary["listen_input"] == "features"
     assert (out / "train_summary.json").exists() and (out / "config.json").exists()
+
+
+class _Line(torch.nn.Module):
+    """A least-squares line for Trainer: one trained and one frozen parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+        self.frozen = torch.nn.Parameter(torch.full((3,), 7.0), requires_grad=False)
+
+    def forward(self, x, labels):
+        return {"loss": ((x * self.weight).sum(-1) - labels).pow(2).mean()}
+
+
+def test_weight_averaging_leaves_the_moving_average_of_the_trained_weights_in_the_model(tmp_path):
+    """After optimizer step n: average <- d * average + (1 - d) * weights, d = min(decay, (1 + n) / (10 + n)); the
+    model ends with the average; frozen parameters are left alone."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from mini_omni2.training import WeightAveragingCallback
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.weights = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.weights.append(model.weight.detach().clone())
+
+    generator = torch.Generator().manual_seed(0)
+    data = [{"x": x, "labels": float(x @ torch.tensor([1.0, -2.0, 3.0]))} for x in torch.randn(40, 3, generator=generator)]
+    record, decay = Record(), 0.8
+    args = TrainingArguments(str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=0.05,
+                             lr_scheduler_type="constant", save_strategy="no", report_to="none", use_cpu=True,
+                             disable_tqdm=True, seed=0)
+    model = _Line()
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[record, WeightAveragingCallback(decay)]).train()
+
+    expected = torch.zeros(3)
+    for n, weights in enumerate(record.weights, start=1):
+        keep = min(decay, (1 + n) / (10 + n))
+        expected = keep * expected + (1 - keep) * weights
+    assert len(record.weights) == 12
+    assert not torch.allclose(record.weights[-1], expected, atol=1e-3)  # the average is not the last weights
+    assert torch.allclose(model.weight.detach(), expected, atol=1e-6)
+    assert torch.equal(model.frozen, torch.full((3,), 7.0))
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, float("nan")])
+def test_weight_averaging_refuses_a_decay_outside_0_to_1(decay):
+    from mini_omni2.training import WeightAveragingCallback
+
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+        WeightAveragingCallback(decay)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
@@ -79,4 +80,47 @@ class MiniOmni2TrainerCallback(TrainerCallback):
             self.processor.save_pretrained(args.output_dir)
 
 
-__all__ = ["MiniOmni2TrainerCallback", "remove_tokenizer_special_tokens"]
+class WeightAveragingCallback(TrainerCallback):
+    """An exponential moving average of the trainable weights, put into the model when training ends.
+
+    After optimizer step ``n`` (1, 2, ...): ``average <- d * average + (1 - d) * weights`` with
+    ``d = min(decay, (1 + n) / (10 + n))``. Until ``d`` reaches ``decay`` (step 8,990 for 0.999), step ``k`` weighs
+    about as ``k**8``: the average is mostly of the last quarter of the steps so far (90 % of its weight), and the
+    random initialisation is gone. After it, it is an ordinary moving average over about ``1 / (1 - decay)`` steps.
+    Averaging weights is a cheap stand-in for averaging models (docs/duplex.md). Only parameters that require
+    gradients are averaged (``torch.optim.swa_utils.AveragedModel`` would copy the frozen encoders as well).
+    Checkpoints saved during training hold the raw weights; the averaged ones are in the model after ``train()``.
+    ``decay=0`` keeps the last weights (no averaging).
+    """
+
+    def __init__(self, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        self.decay = decay
+        self.average: dict[str, torch.Tensor] = {}
+        self.model: Any = None
+
+    def _trainable(self, model: Any) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("WeightAveragingCallback needs the model from Trainer")
+        self.model = model
+        self.average = {name: p.detach().clone() for name, p in self._trainable(model).items()}
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        steps = state.global_step  # this step included
+        keep = min(self.decay, (1 + steps) / (10 + steps))
+        for name, p in self._trainable(self.model).items():
+            self.average[name].lerp_(p.detach(), 1.0 - keep)
+
+    @torch.no_grad()
+    def on_train_end(self, args, state, control, **kwargs):
+        for name, p in self._trainable(self.model).items():
+            p.copy_(self.average[name])
+        self.average = {}
+
+
+__all__ = ["MiniOmni2TrainerCallback", "WeightAveragingCallback", "remove_tokenizer_special_tokens"]
