@@ -124,16 +124,19 @@ def proof(args) -> dict:
         raise SystemExit("the proof uses the features input (the codec's random weights carry nothing: docs/duplex.md)")
     front_end = model.listen_front_end()
 
+    train_kinds = {"kinds": args.train_kinds.split(",") if args.train_kinds else None,
+                   "mixture_fraction": args.mixture_fraction}
     start = time.perf_counter()
     test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers, tail_seconds=(DETECTION_WINDOW_SECONDS, 10.0))
     # validation: unseen clips of the train split (its voices, words and kinds), to choose the decision rule
     validation = make_examples("train", args.val_clips, front_end, args.seed, start=args.train_clips,
-                               workers=args.workers, tail_seconds=(DETECTION_WINDOW_SECONDS, 10.0))
+                               workers=args.workers, tail_seconds=(DETECTION_WINDOW_SECONDS, 10.0), **train_kinds)
     timings["test_data_s"] = time.perf_counter() - start
     result: dict = {}
     if not args.model:
         start = time.perf_counter()
-        train = make_examples("train", args.train_clips, front_end, args.seed, workers=args.workers, half=True)
+        train = make_examples("train", args.train_clips, front_end, args.seed, workers=args.workers, half=True,
+                              **train_kinds)
         timings["train_data_s"] = time.perf_counter() - start
         start = time.perf_counter()
         output = train_listener(
@@ -311,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train on each row up to this long after its first irq label (0: the whole tail)")
     parser.add_argument("--weight-averaging", type=float, default=LISTEN_WEIGHT_AVERAGING_DECAY,
                         help="decay of the moving average of the weights the model ends with (0: the last weights)")
+    parser.add_argument("--train-kinds", help="background kinds of the training and validation clips, comma-separated "
+                        "(default: the train split's; EXTRA_KINDS adds hum, sweeps, clatter)")
+    parser.add_argument("--mixture-fraction", type=float, default=0.0,
+                        help="fraction of training and validation clips whose background mixes two kinds")
     parser.add_argument("--val-clips", type=int, default=1000, help="unseen train-split clips to choose the rule on")
     parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")

@@ -398,6 +398,41 @@ def test_random_voice_variants_are_fixed_distinct_and_spoken_by_espeak():
     assert len(made_up) == RANDOM_VARIANTS["train"] * len(ACCENTS["train"]) and not any("+mo2rnd" in v for v in split_voices("test"))
     plain, varied = speak("stop omni", "en-us"), speak("stop omni", "en-us+mo2rnd0")
     assert varied.size > 0 and not np.array_equal(plain[: varied.size], varied[: plain.size])
+    # espeak-ng lists at most 349 voices per data path: the variants are spread over several, and the last one speaks
+    last = speak("stop", f"en-us+mo2rnd{RANDOM_VARIANTS['train'] - 1}")
+    assert last.size > 0 and not np.array_equal(last[:1000], speak("stop", "en-us+mo2rnd1")[:1000])
+
+
+def test_extra_backgrounds_hum_sweeps_clatter_and_mixtures_of_two_kinds():
+    from mini_omni2.training.duplex_data import EXTRA_KINDS, KINDS, background, make_clip
+
+    assert EXTRA_KINDS == ("hum", "sweeps", "clatter") and not set(EXTRA_KINDS) & {k for ks in KINDS.values() for k in ks}
+    rate = 16000
+    audio = {}
+    for kind in EXTRA_KINDS + ("white",):
+        audio[kind] = background(kind, 2 * rate, np.random.default_rng(0), "train")
+        assert np.array_equal(audio[kind], background(kind, 2 * rate, np.random.default_rng(0), "train"))
+        assert audio[kind].dtype == np.float32
+        assert np.sqrt(np.mean(audio[kind].astype(np.float64) ** 2)) == pytest.approx(1, abs=1e-3)
+    # hum: nearly all its power in a few lines, the lowest at the mains frequency (50 or 60 Hz, within 1 %)
+    power, freqs = np.abs(np.fft.rfft(audio["hum"])) ** 2, np.fft.rfftfreq(2 * rate, 1 / rate)
+    lines = power > 0.01 * power.max()
+    assert power[lines].sum() > 0.9 * power.sum() and lines.sum() < 100
+    assert 49 <= freqs[lines].min() <= 51 or 59 <= freqs[lines].min() <= 61
+    # clatter: impacts, far peakier than steady noise
+    assert np.abs(audio["clatter"]).max() > 2 * np.abs(audio["white"]).max()
+    # sweeps: one gliding pitch, whose peak moves from one 50 ms window to the next
+    peaks = {int(np.argmax(np.abs(np.fft.rfft(audio["sweeps"][i : i + 800])))) for i in range(0, 2 * rate - 800, 800)}
+    assert len(peaks) > 5
+    # mixtures of two kinds; none by default (the clips every measurement scored)
+    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0), kinds=("white", "hum", "sweeps"))
+    mixed = [make_clip("train", i, seed=3, mixture_fraction=1.0, **short)["kind"] for i in range(4)]
+    assert all(len(k.split("+")) == 2 and set(k.split("+")) <= {"white", "hum", "sweeps"} for k in mixed)
+    assert all("+" not in make_clip("train", i, seed=3, **short)["kind"] for i in range(4))
+    with pytest.raises(ValueError, match="mixture_fraction"):
+        make_clip("train", 0, mixture_fraction=1.5)
+    with pytest.raises(ValueError, match="unknown background kind 'rain'.*hum"):
+        background("rain", 100, np.random.default_rng(0), "train")
 
 
 def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):

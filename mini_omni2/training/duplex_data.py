@@ -1,10 +1,11 @@
 """Synthetic data for duplex interruption (Mini-Omni2 §4.3; docs/duplex.md): "stop omni" spoken over backgrounds.
 
 A clip is a background (speech of espeak-ng voices at random speeds and pitches saying random sentences, or
-noise/music-like signals: white, pink, brown noise, tones, chords, babble), into which a spoken "stop omni" in a random
-voice is mixed at a random level, followed by a 0-10 s tail of background. Its listening frames are labelled ``n_irq``
-before the tail and ``irq`` from the frame in which the command ends (:func:`frame_labels`). Negatives have no
-command, or a near miss ("stop", "omni", "stop on me", "top omni") in its place.
+noise/music-like signals: white, pink, brown noise, tones, chords, babble; on request hum, sweeps, clatter, and
+mixtures of two kinds), into which a spoken "stop omni" in a random voice is mixed at a random level, followed by a
+0-10 s tail of background. Its listening frames are labelled ``n_irq`` before the tail and ``irq`` from the frame in
+which the command ends (:func:`frame_labels`). Negatives have no command, or a near miss ("stop", "omni", "stop on
+me", "top omni") in its place.
 
 Clips are made at 16 kHz (a microphone's rate); the model hears them through the listening front end
 (:class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`), which resamples them exactly as it does a live
@@ -73,6 +74,10 @@ KINDS = {
     "test": ("pink", "chords", "speech", "babble"),
 }
 SPEECH_KINDS = ("speech", "babble")
+#: Kinds no split uses by default, for ``make_clip(kinds=...)`` and ``bench_duplex.py --train-kinds``: mains hum,
+#: sirens/whistles and clatter. Measured in docs/duplex.md (runs 28-29): in training they stopped the false interrupts
+#: over chords and cost detection over speech.
+EXTRA_KINDS = ("hum", "sweeps", "clatter")
 
 _WORDS = """
 time year people way day man thing woman life child world school state family student group country problem hand
@@ -175,10 +180,16 @@ def _link_entries(source: str, target: str, but: str) -> None:
             os.symlink(os.path.join(source, entry), os.path.join(target, entry))
 
 
-@lru_cache(maxsize=1)
-def _random_variant_path() -> str:
-    """A private espeak-ng data path (for ``--path``): links to the system's data, and the random variants as
-    ``voices/!v/<name>``. Made once per process, removed at exit."""
+#: Made-up variants per private data path: espeak-ng lists at most 349 voices (languages and variants together) in a
+#: data path, so the random variants are spread over several paths.
+RANDOM_VARIANTS_PER_PATH = 100
+
+
+@lru_cache(maxsize=None)
+def _random_variant_path(shard: int) -> str:
+    """A private espeak-ng data path (for ``--path``): links to the system's data, and random variants
+    ``shard * RANDOM_VARIANTS_PER_PATH ..`` (the next ``RANDOM_VARIANTS_PER_PATH``) as ``voices/!v/<name>``. Made once
+    per process, removed at exit."""
     system = _system_data_dir()
     root = tempfile.mkdtemp(prefix="mini-omni2-espeak-")
     atexit.register(shutil.rmtree, root, True)
@@ -186,7 +197,7 @@ def _random_variant_path() -> str:
     os.makedirs(os.path.join(data, "voices", "!v"))
     _link_entries(system, data, but="voices")
     _link_entries(os.path.join(system, "voices"), os.path.join(data, "voices"), but="!v")
-    for index in range(max(RANDOM_VARIANTS.values())):
+    for index in range(shard * RANDOM_VARIANTS_PER_PATH, (shard + 1) * RANDOM_VARIANTS_PER_PATH):
         with open(os.path.join(data, "voices", "!v", f"{RANDOM_VARIANT_PREFIX}{index}"), "w") as f:
             f.write(random_variant(index))
     return root
@@ -200,7 +211,10 @@ def speak(text: str, voice: str, speed: int = 175, pitch: int = 50) -> np.ndarra
     import soundfile
     import soxr
 
-    path = ["--path", _random_variant_path()] if f"+{RANDOM_VARIANT_PREFIX}" in voice else []
+    path = []
+    if f"+{RANDOM_VARIANT_PREFIX}" in voice:
+        index = int(voice.split(f"+{RANDOM_VARIANT_PREFIX}")[1])
+        path = ["--path", _random_variant_path(index // RANDOM_VARIANTS_PER_PATH)]
     result = subprocess.run(
         [_espeak(), *path, "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
         check=True,
@@ -291,18 +305,64 @@ def _talker(rng: np.random.Generator, n: int, split: str) -> np.ndarray:
     return audio[start : start + n]
 
 
+def _hum(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Mains hum (50 or 60 Hz and 2-12 of its harmonics, random strengths) over faint white noise: an appliance."""
+    t = np.arange(n) / CLIP_SAMPLING_RATE
+    base = float(rng.choice([50.0, 60.0])) * rng.uniform(0.99, 1.01)
+    audio = sum(
+        rng.uniform(0.1, 1.0) * np.sin(2 * np.pi * base * h * t + rng.uniform(0, 2 * np.pi))
+        for h in range(1, int(rng.integers(3, 14)))
+    )
+    return (audio + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _sweeps(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Sirens and whistles: a tone with two overtones whose pitch glides up and down (0.3-3 s per glide)."""
+    pitch = np.empty(n)
+    position = 0
+    while position < n:
+        length = min(int(CLIP_SAMPLING_RATE * rng.uniform(0.3, 3.0)), n - position)
+        low, high = sorted(rng.uniform(300.0, 2500.0, size=2))
+        glide = np.linspace(low, high, length) if rng.random() < 0.5 else np.linspace(high, low, length)
+        pitch[position : position + length] = glide
+        position += length
+    phase = 2 * np.pi * np.cumsum(pitch) / CLIP_SAMPLING_RATE
+    return sum((0.5**h) * np.sin((h + 1) * phase) for h in range(3)).astype(np.float32)
+
+
+def _clatter(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Dishes, keys and knocks: 2-20 impacts per second, each a ringing band of noise (0.5-8 kHz) that dies away."""
+    from scipy.signal import butter, lfilter
+
+    audio = np.zeros(n, dtype=np.float64)
+    for start in np.sort(rng.integers(0, n, size=max(1, int(rng.poisson(rng.uniform(2, 20) * n / CLIP_SAMPLING_RATE))))):
+        length = min(int(CLIP_SAMPLING_RATE * rng.uniform(0.02, 0.3)), n - int(start))
+        centre = rng.uniform(500.0, 6000.0)
+        b, a = butter(2, [centre / 1.3, min(centre * 1.3, 7900.0)], btype="band", fs=CLIP_SAMPLING_RATE)
+        burst = lfilter(b, a, rng.standard_normal(length)) * np.exp(-np.arange(length) / (length / 5))
+        audio[start : start + length] += rng.uniform(0.2, 1.0) * burst / _rms(burst)
+    return audio.astype(np.float32)
+
+
 def background(kind: str, n: int, rng: np.random.Generator, split: str) -> np.ndarray:
-    """``n`` samples of a background of ``kind`` (one of :data:`KINDS`), at unit RMS."""
+    """``n`` samples of a background of ``kind`` (one of :data:`KINDS` or :data:`EXTRA_KINDS`), at unit RMS."""
     if kind in ("white", "pink", "brown"):
         audio = _coloured_noise(rng, n, {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind])
     elif kind in ("tones", "chords"):
         audio = _music(rng, n, chords=kind == "chords")
+    elif kind == "hum":
+        audio = _hum(rng, n)
+    elif kind == "sweeps":
+        audio = _sweeps(rng, n)
+    elif kind == "clatter":
+        audio = _clatter(rng, n)
     elif kind == "speech":
         audio = _talker(rng, n, split)
     elif kind == "babble":
         audio = sum(_talker(rng, n, split) for _ in range(int(rng.integers(3, 7))))
     else:
-        raise ValueError(f"unknown background kind {kind!r}; known: {sorted(k for ks in KINDS.values() for k in ks)}")
+        known = sorted({k for ks in KINDS.values() for k in ks} | set(EXTRA_KINDS))
+        raise ValueError(f"unknown background kind {kind!r}; known: {known}")
     return (audio / _rms(audio)).astype(np.float32)
 
 
@@ -341,19 +401,23 @@ def make_clip(
     speed_perturbation: tuple[float, float] = (0.85, 1.15),
     level_db: tuple[float, float] = (-35.0, -15.0),
     kinds: Sequence[str] | None = None,
+    mixture_fraction: float = 0.0,
 ) -> dict:
     """Clip ``index`` of ``split``: deterministic in ``(seed, split, index)``.
 
     A positive is ``lead_seconds`` of background, the command ("stop omni" in a random voice at ``snr_db`` over the
     background), then ``tail_seconds`` of background; a negative is ``negative_seconds`` of background, with a near
     miss in place of the command for ``near_miss_fraction`` of all clips. The phrase is an utterance of the split's
-    pool made the clip's own by :func:`perturb` (``speed_perturbation``). The mix is scaled to an RMS of
-    ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz), ``command_start`` /
+    pool made the clip's own by :func:`perturb` (``speed_perturbation``). A ``mixture_fraction`` of the clips mix a
+    second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). The mix is
+    scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz), ``command_start`` /
     ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
     """
     _check_split(split)
     if not (positive_fraction >= 0 and near_miss_fraction >= 0 and positive_fraction + near_miss_fraction <= 1):
         raise ValueError("positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1")
+    if not 0 <= mixture_fraction <= 1:
+        raise ValueError(f"mixture_fraction must be in [0, 1], got {mixture_fraction}")
     kinds = tuple(kinds) if kinds is not None else KINDS[split]
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     draw = rng.random()
@@ -377,6 +441,11 @@ def make_clip(
         total = max(int(rate * rng.uniform(*negative_seconds)), len(utterance) + rate)
         lead = int(rng.integers(0, total - len(utterance) + 1))
     audio = background(kind, total, rng, split)
+    if mixture_fraction > 0 and rng.random() < mixture_fraction:  # no draw without mixtures: the same clips as before
+        second = kinds[rng.integers(len(kinds))]
+        audio = audio + 10 ** (-rng.uniform(0.0, 15.0) / 20) * background(second, total, rng, split)
+        audio /= _rms(audio)
+        kind = f"{kind}+{second}"
     snr, level = float(rng.uniform(*snr_db)), float(rng.uniform(*level_db))
     if spoken:
         gain = 10 ** (snr / 20) / _rms(utterance)  # the background has unit RMS
@@ -458,6 +527,7 @@ __all__ = [
     "RANDOM_VARIANTS",
     "random_variant",
     "KINDS",
+    "EXTRA_KINDS",
     "WORDS",
     "split_voices",
     "speak",
