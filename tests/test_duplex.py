@@ -433,6 +433,8 @@ def test_extra_backgrounds_hum_sweeps_clatter_and_mixtures_of_two_kinds():
         make_clip("train", 0, mixture_fraction=1.5)
     with pytest.raises(ValueError, match="unknown background kind 'rain'.*hum"):
         background("rain", 100, np.random.default_rng(0), "train")
+    with pytest.raises(ValueError, match=r"kinds must be .* got unknown \['rain'\]"):
+        make_clip("train", 0, kinds=("white", "rain"))
 
 
 def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):
@@ -507,6 +509,21 @@ def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
         assert row["listen_input"] == model.config.listen_input
         assert row["steps_per_s_without"] > 0 and row["steps_per_s_with_listening_row"] > 0
         assert row["front_end_ms_per_frame"] > 0 and abs(row["realtime_steps_per_s"] - 24000 / 2048) < 1e-9
+
+
+def test_the_proof_benchmark_refuses_unknown_training_kinds_before_making_clips(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_duplex.py"
+    spec = importlib.util.spec_from_file_location("bench_duplex", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for argv, message in [(["--train-kinds", "white,rain"], "--train-kinds: unknown kinds ['rain']"),
+                          (["--mixture-fraction", "1.5"], "--mixture-fraction must be in [0, 1], got 1.5")]:
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert message in capsys.readouterr().err
 
 
 REMOTE_LISTENER = '''

@@ -419,6 +419,9 @@ def make_clip(
     if not 0 <= mixture_fraction <= 1:
         raise ValueError(f"mixture_fraction must be in [0, 1], got {mixture_fraction}")
     kinds = tuple(kinds) if kinds is not None else KINDS[split]
+    unknown = sorted(set(kinds) - {k for ks in KINDS.values() for k in ks} - set(EXTRA_KINDS))
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be background kinds of KINDS or EXTRA_KINDS, got unknown {unknown or 'none'}")
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     draw = rng.random()
     positive = draw < positive_fraction
