@@ -337,12 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_train_kinds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse unknown ``--train-kinds`` and a ``--mixture-fraction`` outside [0, 1] before any clip is made."""
-    from mini_omni2.training.duplex_data import EXTRA_KINDS, KINDS
+    from mini_omni2.training.duplex_data import check_kinds
 
-    known = {k for kinds in KINDS.values() for k in kinds} | set(EXTRA_KINDS)
-    unknown = sorted(set(args.train_kinds.split(",")) - known) if args.train_kinds else []
-    if unknown:
-        parser.error(f"--train-kinds: unknown kinds {unknown}; known: {sorted(known)}")
+    if args.train_kinds:
+        try:
+            check_kinds(args.train_kinds.split(","))
+        except ValueError as error:
+            parser.error(f"--train-kinds: {error}")
     if not 0 <= args.mixture_fraction <= 1:
         parser.error(f"--mixture-fraction must be in [0, 1], got {args.mixture_fraction}")
 

@@ -361,8 +361,7 @@ def background(kind: str, n: int, rng: np.random.Generator, split: str) -> np.nd
     elif kind == "babble":
         audio = sum(_talker(rng, n, split) for _ in range(int(rng.integers(3, 7))))
     else:
-        known = sorted({k for ks in KINDS.values() for k in ks} | set(EXTRA_KINDS))
-        raise ValueError(f"unknown background kind {kind!r}; known: {known}")
+        check_kinds([kind])  # raises: every known kind is handled above
     return (audio / _rms(audio)).astype(np.float32)
 
 
@@ -381,6 +380,15 @@ def perturb(utterance: np.ndarray, rng: np.random.Generator, speed: tuple[float,
     else:
         audio = lfilter([1.0 + tilt], [1.0, tilt], audio)
     return np.asarray(audio, dtype=np.float32)
+
+
+def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple, if it is a non-empty choice of :data:`KINDS` and :data:`EXTRA_KINDS`; else a ValueError."""
+    known = sorted({k for split_kinds in KINDS.values() for k in split_kinds} | set(EXTRA_KINDS))
+    unknown = sorted(set(kinds) - set(known))
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be background kinds of {known}, got unknown {unknown or 'none'}")
+    return tuple(kinds)
 
 
 def _check_split(split: str) -> None:
@@ -418,10 +426,7 @@ def make_clip(
         raise ValueError("positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1")
     if not 0 <= mixture_fraction <= 1:
         raise ValueError(f"mixture_fraction must be in [0, 1], got {mixture_fraction}")
-    kinds = tuple(kinds) if kinds is not None else KINDS[split]
-    unknown = sorted(set(kinds) - {k for ks in KINDS.values() for k in ks} - set(EXTRA_KINDS))
-    if not kinds or unknown:
-        raise ValueError(f"kinds must be background kinds of KINDS or EXTRA_KINDS, got unknown {unknown or 'none'}")
+    kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     draw = rng.random()
     positive = draw < positive_fraction
@@ -531,6 +536,7 @@ __all__ = [
     "random_variant",
     "KINDS",
     "EXTRA_KINDS",
+    "check_kinds",
     "WORDS",
     "split_voices",
     "speak",
