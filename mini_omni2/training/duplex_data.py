@@ -75,8 +75,7 @@ KINDS = {
 }
 SPEECH_KINDS = ("speech", "babble")
 #: Kinds no split uses by default, for ``make_clip(kinds=...)`` and ``bench_duplex.py --train-kinds``: mains hum,
-#: sirens/whistles and clatter. Measured in docs/duplex.md (runs 28-29): in training they stopped the false interrupts
-#: over chords and cost detection over speech.
+#: sirens/whistles and clatter. Measured in docs/duplex.md (runs 28-29 and 34-35): no gain over the default kinds.
 EXTRA_KINDS = ("hum", "sweeps", "clatter")
 
 _WORDS = """
