@@ -337,15 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_train_kinds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse unknown ``--train-kinds`` and a ``--mixture-fraction`` outside [0, 1] before any clip is made."""
-    from mini_omni2.training.duplex_data import check_kinds
+    from mini_omni2.training.duplex_data import check_kinds, check_mixture_fraction
 
-    if args.train_kinds:
-        try:
+    try:
+        if args.train_kinds:
             check_kinds(args.train_kinds.split(","))
-        except ValueError as error:
-            parser.error(f"--train-kinds: {error}")
-    if not 0 <= args.mixture_fraction <= 1:
-        parser.error(f"--mixture-fraction must be in [0, 1], got {args.mixture_fraction}")
+    except ValueError as error:
+        parser.error(f"--train-kinds: {error}")
+    try:
+        check_mixture_fraction(args.mixture_fraction)
+    except ValueError as error:
+        parser.error(f"--mixture-fraction: {error}")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -522,7 +522,7 @@ def test_the_proof_benchmark_refuses_unknown_training_kinds_before_making_clips(
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for argv, message in [(["--train-kinds", "white,rain"], "--train-kinds: kinds must be background kinds of"),
-                          (["--mixture-fraction", "1.5"], "--mixture-fraction must be in [0, 1], got 1.5")]:
+                          (["--mixture-fraction", "1.5"], "--mixture-fraction: mixture_fraction must be in [0, 1], got 1.5")]:
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert message in capsys.readouterr().err

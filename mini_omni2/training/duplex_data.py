@@ -390,6 +390,12 @@ def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def check_mixture_fraction(mixture_fraction: float) -> None:
+    """A ValueError unless ``mixture_fraction`` (of :func:`make_clip`) is in [0, 1]."""
+    if not 0 <= mixture_fraction <= 1:
+        raise ValueError(f"mixture_fraction must be in [0, 1], got {mixture_fraction}")
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -417,14 +423,13 @@ def make_clip(
     miss in place of the command for ``near_miss_fraction`` of all clips. The phrase is an utterance of the split's
     pool made the clip's own by :func:`perturb` (``speed_perturbation``). A ``mixture_fraction`` of the clips mix a
     second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). The mix is
-    scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz), ``command_start`` /
-    ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
+    scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz),
+    ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
     """
     _check_split(split)
     if not (positive_fraction >= 0 and near_miss_fraction >= 0 and positive_fraction + near_miss_fraction <= 1):
         raise ValueError("positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1")
-    if not 0 <= mixture_fraction <= 1:
-        raise ValueError(f"mixture_fraction must be in [0, 1], got {mixture_fraction}")
+    check_mixture_fraction(mixture_fraction)
     kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     draw = rng.random()
@@ -536,6 +541,7 @@ __all__ = [
     "KINDS",
     "EXTRA_KINDS",
     "check_kinds",
+    "check_mixture_fraction",
     "WORDS",
     "split_voices",
     "speak",
