@@ -28,7 +28,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mini_omni2.training.duplex import DETECTION_WINDOW_SECONDS, LISTEN_WEIGHT_AVERAGING_DECAY  # noqa: E402
+from mini_omni2.training.duplex import (  # noqa: E402
+    DETECTION_WINDOW_SECONDS,
+    add_listen_training_arguments,
+    clip_kwargs,
+    listen_training_kwargs,
+)
 
 GOALS = {"detection": 0.95, "median_delay_ms": 500.0, "false_per_10min": 1.0}
 
@@ -124,8 +129,7 @@ def proof(args) -> dict:
         raise SystemExit("the proof uses the features input (the codec's random weights carry nothing: docs/duplex.md)")
     front_end = model.listen_front_end()
 
-    train_kinds = {"kinds": args.train_kinds.split(",") if args.train_kinds else None,
-                   "mixture_fraction": args.mixture_fraction}
+    train_kinds = clip_kwargs(args)
     start = time.perf_counter()
     test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers, tail_seconds=(DETECTION_WINDOW_SECONDS, 10.0))
     # validation: unseen clips of the train split (its voices, words and kinds), to choose the decision rule
@@ -142,8 +146,7 @@ def proof(args) -> dict:
         output = train_listener(
             model, tiny_processor(vision=False), train, args.output_dir, max_steps=args.steps,
             batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-            mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp, tail_seconds=args.tail_seconds or None,
-            weight_averaging=args.weight_averaging,
+            mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp, **listen_training_kwargs(args),
         )
         timings["train_s"] = time.perf_counter() - start
         result["train_loss"] = output.training_loss
@@ -310,14 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-bands", type=int, default=0, help="mel bands masked per training row (SpecAugment)")
     parser.add_argument("--mask-width", type=int, default=8, help="widest masked band, in mel bins")
     parser.add_argument("--warp", type=float, default=0.0, help="stretch each training row's mel axis by 1 +- warp")
-    parser.add_argument("--tail-seconds", type=float, default=DETECTION_WINDOW_SECONDS,
-                        help="train on each row up to this long after its first irq label (0: the whole tail)")
-    parser.add_argument("--weight-averaging", type=float, default=LISTEN_WEIGHT_AVERAGING_DECAY,
-                        help="decay of the moving average of the weights the model ends with (0: the last weights)")
-    parser.add_argument("--train-kinds", help="background kinds of the training and validation clips, comma-separated "
-                        "(default: the train split's; EXTRA_KINDS adds hum, sweeps, clatter)")
-    parser.add_argument("--mixture-fraction", type=float, default=0.0,
-                        help="fraction of training and validation clips whose background mixes two kinds")
+    add_listen_training_arguments(parser)
     parser.add_argument("--val-clips", type=int, default=1000, help="unseen train-split clips to choose the rule on")
     parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")
@@ -335,25 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_train_kinds(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse unknown ``--train-kinds`` and a ``--mixture-fraction`` outside [0, 1] before any clip is made."""
-    from mini_omni2.training.duplex_data import check_kinds, check_mixture_fraction
-
-    try:
-        if args.train_kinds:
-            check_kinds(args.train_kinds.split(","))
-    except ValueError as error:
-        parser.error(f"--train-kinds: {error}")
-    try:
-        check_mixture_fraction(args.mixture_fraction)
-    except ValueError as error:
-        parser.error(f"--mixture-fraction: {error}")
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_train_kinds(parser, args)
     import torch
 
     if args.threads:

@@ -28,6 +28,8 @@ TINY = "tiny-random"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mini_omni2.training.duplex import add_listen_training_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY, help=f"a saved Mini-Omni2 folder, or {TINY!r} (tiny, random, offline)")
     parser.add_argument("--listen-input", choices=("features", "codec"),
@@ -43,12 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="2e-3 for the tiny model; ~2e-4 for 0.5 B")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--logging-steps", type=int, default=50)
-    parser.add_argument("--tail-seconds", type=float,
-                        help="train on each clip up to this long after the command (default: the detection window, "
-                             "2 s; 0: all of it; docs/duplex.md)")
-    parser.add_argument("--weight-averaging", type=float,
-                        help="decay of the moving average of the weights the model ends with (default: the "
-                             "recipe's, LISTEN_WEIGHT_AVERAGING_DECAY; 0: the last weights; docs/duplex.md)")
+    add_listen_training_arguments(parser)  # --tail-seconds, --weight-averaging, --train-kinds, ...
     return parser
 
 
@@ -72,10 +69,12 @@ def build_dataset(args, model, processor):
     import datasets
     import torch
 
+    from mini_omni2.training.duplex import clip_kwargs
     from mini_omni2.training.duplex_data import DuplexPreprocessor, duplex_generator
 
     clips = datasets.Dataset.from_generator(
-        duplex_generator, gen_kwargs={"split": "train", "num_examples": args.train_clips, "seed": args.seed}
+        duplex_generator,
+        gen_kwargs={"split": "train", "num_examples": args.train_clips, "seed": args.seed, **clip_kwargs(args)},
     )
     listen = clips.map(DuplexPreprocessor(model.listen_front_end()), batched=True, batch_size=32,
                        remove_columns=clips.column_names).with_format("numpy")
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from mini_omni2.training.duplex import train_listener
+    from mini_omni2.training.duplex import listen_training_kwargs, train_listener
 
     torch.manual_seed(args.seed)
     model, processor = load_model_and_processor(args)
@@ -105,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = train_listener(
         model, processor, dataset, args.output_dir, max_steps=args.max_steps,
         batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps,
-        **({} if args.tail_seconds is None else {"tail_seconds": args.tail_seconds or None}),
-        **({} if args.weight_averaging is None else {"weight_averaging": args.weight_averaging}),
+        warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps, **listen_training_kwargs(args),
     )
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)

@@ -76,6 +76,12 @@ SNAC_24KHZ = dict(
     depthwise=True,
 )
 
+
+def codec_frame_samples(codec_config: dict) -> int:
+    """Samples of one codec frame (one decoding step): the encoder's total stride times the coarsest VQ stride."""
+    return int(math.prod(codec_config["encoder_rates"])) * int(codec_config["vq_strides"][0])
+
+
 #: (extension) The listening row's audio features (docs/duplex.md): causal log-mel columns of each codec frame of the
 #: incoming audio (at the codec's rate), ``context_frames`` frames stacked into one vector for the listening adapter.
 LISTEN_FEATURES_DEFAULT = dict(
@@ -213,8 +219,7 @@ class MiniOmni2Config(PreTrainedConfig):
     @property
     def listen_frame_samples(self) -> int:
         """Samples of one listening frame = one codec frame = one decoding step (2,048 at 24 kHz, 85.3 ms)."""
-        codec = self.codec_config or SNAC_24KHZ
-        return int(math.prod(codec["encoder_rates"])) * int(codec["vq_strides"][0])
+        return codec_frame_samples(self.codec_config or SNAC_24KHZ)
 
     @property
     def listen_frame_seconds(self) -> float:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .configuration_mini_omni2 import SNAC_24KHZ, codec_frame_samples
 from .engine_mini_omni2 import (
     DecodeGroup,
     DecodeSettings,
@@ -104,8 +105,8 @@ class MiniOmni2ListenFrontEnd:
     def __init__(
         self,
         listen_input: str,
-        sampling_rate: int = 24000,
-        frame_samples: int = 2048,
+        sampling_rate: int = SNAC_24KHZ["sampling_rate"],
+        frame_samples: int = codec_frame_samples(SNAC_24KHZ),
         feature_config: dict | None = None,
         codec: Any = None,
         left_context_frames: int | None = None,

@@ -217,6 +217,10 @@ def test_feature_frames_are_causal(features_model):
     later = audio.copy()
     later[2048 * 5 :] = 0.5  # the future does not change them
     assert torch.allclose(front_end.frames(later, 24000)[:5], early, atol=1e-5)
+    config = features_model.config
+    default = MiniOmni2ListenFrontEnd("features", feature_config=config.listen_feature_config)
+    assert (default.sampling_rate, default.frame_samples) == (config.listen_sampling_rate, config.listen_frame_samples)
+    assert default.frame_seconds == config.listen_frame_seconds == 2048 / 24000  # one codec frame, one decoding step
 
 
 def test_running_mean_features_remove_the_input_level():
@@ -513,7 +517,7 @@ def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
         assert row["front_end_ms_per_frame"] > 0 and abs(row["realtime_steps_per_s"] - 24000 / 2048) < 1e-9
 
 
-def test_the_proof_benchmark_refuses_unknown_training_kinds_before_making_clips(capsys):
+def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(capsys):
     import importlib.util
     from pathlib import Path
 
@@ -522,7 +526,9 @@ def test_the_proof_benchmark_refuses_unknown_training_kinds_before_making_clips(
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for argv, message in [(["--train-kinds", "white,rain"], "--train-kinds: kinds must be background kinds of"),
-                          (["--mixture-fraction", "1.5"], "--mixture-fraction: mixture_fraction must be in [0, 1], got 1.5")]:
+                          (["--mixture-fraction", "1.5"], "--mixture-fraction: mixture_fraction must be in [0, 1], got 1.5"),
+                          (["--tail-seconds", "-1"], "--tail-seconds: tail seconds must be > 0, or 0 for the whole tail"),
+                          (["--weight-averaging", "1"], "--weight-averaging: decay must be in [0, 1), got 1.0")]:
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert message in capsys.readouterr().err
@@ -624,6 +630,16 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
                            "--per-device-train-batch-size", "2", "--warmup-steps", "0", "--tail-seconds", "1.0"])
     assert summary["steps"] == 2 and summary["examples"] == 4 and summary["listen_input"] == "features"
     assert (out / "train_summary.json").exists() and (out / "config.json").exists()
+    args = script.build_parser().parse_args(["--output-dir", "x", "--tail-seconds", "0",
+                                             "--train-kinds", "hum,speech", "--mixture-fraction", "0.5"])
+    from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
+
+    assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999}
+    assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5}
+    summary = script.main(["--output-dir", str(tmp_path / "kinds"), "--train-clips", "4", "--max-steps", "1",
+                           "--per-device-train-batch-size", "4", "--warmup-steps", "0",
+                           "--train-kinds", "hum,white", "--mixture-fraction", "1"])
+    assert summary["steps"] == 1 and summary["examples"] == 4
 
 
 class _Line(torch.nn.Module):

@@ -48,7 +48,13 @@ def chromium(tmp_path, microphone: str):
         f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=900,700",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for console_errors
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def console_errors(driver) -> list[str]:
+    """The page's console errors so far (failed requests included)."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
 def wait_for(driver, script: str, timeout: float):
@@ -85,6 +91,7 @@ def test_voice_page_talks_and_plays_the_answer(model, processor, tmp_path):
             assert shown == omni["transcript"]  # the live transcript shows what was streamed
             assert "speech" in driver.find_element("css selector", ".turn.user").text
             assert driver.find_element("id", "error").text == ""
+            assert console_errors(driver) == []  # no failed request (a favicon, a script) and no script error
         finally:
             driver.quit()
         wait_until_idle(server.url)

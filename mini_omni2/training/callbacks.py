@@ -80,6 +80,13 @@ class MiniOmni2TrainerCallback(TrainerCallback):
             self.processor.save_pretrained(args.output_dir)
 
 
+def check_decay(decay: float) -> float:
+    """``decay`` if it is a weight-averaging decay in [0, 1); else a ValueError."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+    return decay
+
+
 class WeightAveragingCallback(TrainerCallback):
     """An exponential moving average of the trainable weights, put into the model when training ends.
 
@@ -94,9 +101,7 @@ class WeightAveragingCallback(TrainerCallback):
     """
 
     def __init__(self, decay: float):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        self.decay = decay
+        self.decay = check_decay(decay)
         self.average: dict[str, torch.Tensor] = {}
         self.model: Any = None
 

@@ -169,6 +169,77 @@ def train_listener(
     return result
 
 
+# ----- the command-line options of the scripts that train a listening row (examples/, benchmarks/) -----------------
+def add_listen_training_arguments(parser) -> None:
+    """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
+    ``--weight-averaging``, ``--train-kinds`` and ``--mixture-fraction``. Their values are checked while parsing, so
+    a bad one is refused before any clip is made; :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them
+    into keywords."""
+    import argparse
+
+    def checked(check):
+        def parse(text: str):
+            try:
+                return check(text)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+
+        parse.__name__ = check.__name__
+        return parse
+
+    parser.add_argument("--tail-seconds", type=checked(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
+                        help="train on each row up to this long after its first irq label (default: the detection "
+                             "window, 2 s; 0: the whole tail)")
+    parser.add_argument("--weight-averaging", type=checked(parse_decay), default=LISTEN_WEIGHT_AVERAGING_DECAY,
+                        help="decay of the moving average of the weights the model ends with (0: the last weights)")
+    parser.add_argument("--train-kinds", type=checked(parse_kinds),
+                        help="background kinds of the training (and validation) clips, comma-separated (default: the "
+                             "train split's; EXTRA_KINDS adds hum, sweeps, clatter)")
+    parser.add_argument("--mixture-fraction", type=checked(parse_mixture_fraction), default=0.0,
+                        help="fraction of those clips whose background mixes two kinds")
+
+
+def parse_tail_seconds(text: str) -> float | None:
+    """``--tail-seconds``: seconds > 0, or 0 for the whole tail (None)."""
+    seconds = float(text)
+    if not seconds >= 0:
+        raise ValueError(f"tail seconds must be > 0, or 0 for the whole tail, got {text}")
+    return seconds or None
+
+
+def parse_decay(text: str) -> float:
+    """``--weight-averaging``: a decay in [0, 1) (:func:`~.callbacks.check_decay`)."""
+    from .callbacks import check_decay
+
+    return check_decay(float(text))
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """``--train-kinds``: comma-separated background kinds (:func:`~.duplex_data.check_kinds`)."""
+    from .duplex_data import check_kinds
+
+    return check_kinds([kind for kind in text.split(",") if kind])
+
+
+def parse_mixture_fraction(text: str) -> float:
+    """``--mixture-fraction``: a fraction in [0, 1] (:func:`~.duplex_data.check_mixture_fraction`)."""
+    from .duplex_data import check_mixture_fraction
+
+    fraction = float(text)
+    check_mixture_fraction(fraction)
+    return fraction
+
+
+def listen_training_kwargs(args) -> dict[str, Any]:
+    """The keywords of :func:`train_listener` that :func:`add_listen_training_arguments` parsed."""
+    return {"tail_seconds": args.tail_seconds, "weight_averaging": args.weight_averaging}
+
+
+def clip_kwargs(args) -> dict[str, Any]:
+    """The keywords of :func:`~.duplex_data.make_clip` that :func:`add_listen_training_arguments` parsed."""
+    return {"kinds": args.train_kinds, "mixture_fraction": args.mixture_fraction}
+
+
 # ----- evaluation --------------------------------------------------------------------------------------------------
 @dataclass
 class ClipOutcome:
