@@ -64,6 +64,19 @@ VARIANTS = {
 #: pitch, voice quality). The test split has none: its voices are all hand-made variants training never hears.
 RANDOM_VARIANTS = {"train": 150, "test": 0}
 RANDOM_VARIANT_PREFIX = "mo2rnd"
+
+
+def random_variant_name(index: int) -> str:
+    """The espeak-ng variant name of made-up voice ``index`` (:func:`random_variant`)."""
+    return f"{RANDOM_VARIANT_PREFIX}{index}"
+
+
+def random_variant_index(voice: str) -> int | None:
+    """The made-up variant's index of an ``accent+variant`` voice; None for a hand-made variant."""
+    variant = voice.partition("+")[2]
+    return int(variant[len(RANDOM_VARIANT_PREFIX):]) if variant.startswith(RANDOM_VARIANT_PREFIX) else None
+
+
 #: Klatt synthesiser modes a random variant may use (the test split's ``klatt3`` is not among them).
 RANDOM_VARIANT_KLATT = (1, 2, 4, 5, 6)
 
@@ -121,7 +134,7 @@ def split_voices(split: str) -> list[str]:
     missing = sorted(set(VARIANTS[split]) - installed_variants())
     if missing:
         raise RuntimeError(f"this espeak-ng lacks the voice variants {missing} of split {split!r}")
-    variants = list(VARIANTS[split]) + [f"{RANDOM_VARIANT_PREFIX}{i}" for i in range(RANDOM_VARIANTS[split])]
+    variants = list(VARIANTS[split]) + [random_variant_name(i) for i in range(RANDOM_VARIANTS[split])]
     return [f"{accent}+{variant}" for accent in ACCENTS[split] for variant in variants]
 
 
@@ -139,7 +152,7 @@ def random_variant(index: int) -> str:
     low_voice = rng.random() < 0.5
     base = draw(50, 135) if low_voice else draw(130, 240)
     tract = rng.uniform(0.8, 1.05) if low_voice else rng.uniform(1.0, 1.3)
-    lines = ["language variant", f"name {RANDOM_VARIANT_PREFIX}{index}", f"pitch {base} {min(390, draw(base * 1.1, base * 2.0))}"]
+    lines = ["language variant", f"name {random_variant_name(index)}", f"pitch {base} {min(390, draw(base * 1.1, base * 2.0))}"]
     for formant in range(9):
         frequency = 100 * tract * rng.uniform(0.85, 1.15) if formant <= 3 else rng.uniform(40, 150)
         height, width = (draw(50, 150), draw(40, 170)) if formant <= 3 else (draw(0, 150), draw(20, 150))
@@ -197,7 +210,7 @@ def _random_variant_path(shard: int) -> str:
     _link_entries(system, data, but="voices")
     _link_entries(os.path.join(system, "voices"), os.path.join(data, "voices"), but="!v")
     for index in range(shard * RANDOM_VARIANTS_PER_PATH, (shard + 1) * RANDOM_VARIANTS_PER_PATH):
-        with open(os.path.join(data, "voices", "!v", f"{RANDOM_VARIANT_PREFIX}{index}"), "w") as f:
+        with open(os.path.join(data, "voices", "!v", random_variant_name(index)), "w") as f:
             f.write(random_variant(index))
     return root
 
@@ -210,10 +223,8 @@ def speak(text: str, voice: str, speed: int = 175, pitch: int = 50) -> np.ndarra
     import soundfile
     import soxr
 
-    path = []
-    if f"+{RANDOM_VARIANT_PREFIX}" in voice:
-        index = int(voice.split(f"+{RANDOM_VARIANT_PREFIX}")[1])
-        path = ["--path", _random_variant_path(index // RANDOM_VARIANTS_PER_PATH)]
+    index = random_variant_index(voice)
+    path = [] if index is None else ["--path", _random_variant_path(index // RANDOM_VARIANTS_PER_PATH)]
     result = subprocess.run(
         [_espeak(), *path, "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
         check=True,
