@@ -1,6 +1,6 @@
 """Duplex interruption, measured: a tiny model learns to hear "stop omni" and is scored on held-out clips.
 
-    python benchmarks/bench_duplex.py [--json FILE]                 # data, training, evaluation (a few minutes, CPU)
+    python benchmarks/bench_duplex.py [--json FILE]                 # data, training, evaluation (~30 min, 2-core CPU)
     python benchmarks/bench_duplex.py --model DIR                    # evaluate a saved model instead of training
     python benchmarks/bench_duplex.py --cost [--cost-size released]  # the listening row's cost per decoding step
 
@@ -13,8 +13,8 @@ command-free audio (near misses reported apart). Goals: detection >= 95 %, media
 interrupt per 10 minutes.
 
 ``--cost`` times decoding steps of the language model with and without one listening row beside a request's two
-speaking rows (batch parallel decoding), at the released sizes or tiny ones, with the plain forward and a KV cache.
-It does not use the decoding engine (not in the tree yet): re-run it on the engine when it lands.
+speaking rows (batch parallel decoding), at the released sizes or tiny ones, on the decoding engine
+(``MiniOmni2Engine``: a ``ListenGroup`` beside the answer's ``DecodeGroup``).
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="evaluate this saved model (features input) instead of training one")
     parser.add_argument("--save", help="save the trained model here")
     parser.add_argument("--output-dir", default="/tmp/bench_duplex", help="Trainer's output directory")
-    parser.add_argument("--train-clips", type=int, default=9000)
+    parser.add_argument("--train-clips", type=int, default=18000, help="training clips (the recipe: 18,000)")
     parser.add_argument("--test-clips", type=int, default=400)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
