@@ -29,13 +29,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mini_omni2.training.duplex import (  # noqa: E402
-    DETECTION_WINDOW_SECONDS,
+    EVALUATION_TAIL_SECONDS,
+    LISTEN_RULE_GRID,
+    MAX_FALSE_PER_10MIN,
     add_listen_training_arguments,
     clip_kwargs,
     listen_training_kwargs,
 )
 
-GOALS = {"detection": 0.95, "median_delay_ms": 500.0, "false_per_10min": 1.0}
+GOALS = {"detection": 0.95, "median_delay_ms": 500.0, "false_per_10min": MAX_FALSE_PER_10MIN}
 
 
 def machine() -> dict:
@@ -52,12 +54,12 @@ def machine() -> dict:
 
 
 def _examples_chunk(job: tuple) -> list[dict]:
-    from mini_omni2.training.duplex import prepare_listen_examples
+    from mini_omni2.training.duplex import EVALUATION_FIELDS, prepare_listen_examples
     from mini_omni2.training.duplex_data import make_clip
 
     split, indices, front_end, seed, half, clip_kwargs = job
-    keep = ("command_start", "command_end", "spoken", "kind", "snr_db")
-    out = prepare_listen_examples([make_clip(split, i, seed=seed, **clip_kwargs) for i in indices], front_end, keep)
+    out = prepare_listen_examples([make_clip(split, i, seed=seed, **clip_kwargs) for i in indices], front_end,
+                                  EVALUATION_FIELDS)
     if half:  # training features are stored at half precision (memory); the collator feeds them as float32
         for example in out:
             example["listen_features"] = example["listen_features"].astype("float16")
@@ -83,27 +85,17 @@ def make_examples(split: str, count: int, front_end, seed: int, start: int = 0, 
         return [e for part in pool.imap(_examples_chunk, jobs) for e in part]
 
 
-#: Decision rules tried: P(irq) >= threshold on min_frames consecutive frames.
-RULES = [(t, m) for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for m in (1, 2, 3)]
-
-
 def choose_rule(model, validation, probabilities, args) -> tuple[float, int, list]:
-    """The decision rule, chosen on validation clips (train split, unseen): the most detections with at most
-    ``GOALS["false_per_10min"]`` false interrupts per 10 minutes, else the fewest false interrupts. ``--threshold`` /
-    ``--min-frames`` fix it instead."""
-    from mini_omni2.training.duplex import evaluate_listener
+    """The decision rule, chosen on validation clips (train split, unseen; ``choose_listen_rule``): the most
+    detections with at most ``GOALS["false_per_10min"]`` false interrupts per 10 minutes, else the fewest false
+    interrupts. ``--threshold`` / ``--min-frames`` fix it instead."""
+    from mini_omni2.training.duplex import choose_listen_rule, sweep_listen_rules
 
-    sweep = []
-    for t, m in RULES:
-        r = evaluate_listener(model, validation, t, m, probabilities=probabilities)
-        sweep.append({"threshold": t, "min_frames": m, "detection": r["detection"], "false_per_10min": r["false_per_10min"],
-                      "median_delay_ms": r["median_delay_ms"]})
+    sweep = sweep_listen_rules(model, validation, probabilities)
     if args.threshold is not None:
         return args.threshold, args.min_frames or 1, sweep
-    within = [r for r in sweep if r["false_per_10min"] <= GOALS["false_per_10min"]]
-    best = max(within, key=lambda r: (r["detection"], -r["false_per_10min"])) if within else min(
-        sweep, key=lambda r: (r["false_per_10min"], -r["detection"]))
-    return best["threshold"], best["min_frames"], sweep
+    rule = choose_listen_rule(sweep, GOALS["false_per_10min"])
+    return rule.threshold, rule.min_frames, sweep
 
 
 def proof(args) -> dict:
@@ -131,10 +123,10 @@ def proof(args) -> dict:
 
     train_kinds = clip_kwargs(args)
     start = time.perf_counter()
-    test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers, tail_seconds=(DETECTION_WINDOW_SECONDS, 10.0))
+    test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS)
     # validation: unseen clips of the train split (its voices, words and kinds), to choose the decision rule
     validation = make_examples("train", args.val_clips, front_end, args.seed, start=args.train_clips,
-                               workers=args.workers, tail_seconds=(DETECTION_WINDOW_SECONDS, 10.0), **train_kinds)
+                               workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS, **train_kinds)
     timings["test_data_s"] = time.perf_counter() - start
     result: dict = {}
     if not args.model:
@@ -150,20 +142,21 @@ def proof(args) -> dict:
         )
         timings["train_s"] = time.perf_counter() - start
         result["train_loss"] = output.training_loss
-        if args.save:
-            model.save_pretrained(args.save)
     window = {"window_frames": args.window, "refeed_frames": args.refeed} if args.window else {}
     start = time.perf_counter()
     probabilities = listener_probabilities(model, test, **window)
     timings["eval_s"] = time.perf_counter() - start
     val_probabilities = listener_probabilities(model, validation, **window)
     threshold, min_frames, val_sweep = choose_rule(model, validation, val_probabilities, args)
+    if args.save:  # the model keeps the rule it is scored with: sessions and the server use it
+        model.config.listen_rule = {"threshold": threshold, "min_frames": min_frames}
+        model.save_pretrained(args.save)
     metrics = evaluate_listener(model, test, threshold, min_frames, probabilities=probabilities)
     fixed = evaluate_listener(model, test, 0.5, 1, probabilities=probabilities)
     sweep = [
         {k: evaluate_listener(model, test, t, m, probabilities=probabilities)[k]
          for k in ("threshold", "min_frames", "detection", "median_delay_ms", "false_per_10min", "false_per_10min_all")}
-        for t, m in RULES
+        for t, m in LISTEN_RULE_GRID
     ]
     met = {
         "detection": (metrics["detection"] or 0) >= GOALS["detection"],
@@ -299,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--model", help="evaluate this saved model (features input) instead of training one")
-    parser.add_argument("--save", help="save the trained model here")
+    parser.add_argument("--save", help="save the model here, with the chosen rule as its config.listen_rule")
     parser.add_argument("--output-dir", default="/tmp/bench_duplex", help="Trainer's output directory")
     parser.add_argument("--train-clips", type=int, default=18000, help="training clips (the recipe: 18,000)")
     parser.add_argument("--test-clips", type=int, default=400)

@@ -11,8 +11,10 @@ with stage-3 data of the example format (docs/training.md):
         --output-dir runs/duplex
 
 The clips come from ``mini_omni2.training.duplex_data.duplex_generator`` through ``datasets.Dataset.from_generator``
-and the model's own listening front end; every row is a listening row whose labels are its frames' states. The
-trained model and processor are saved to ``--output-dir`` with ``train_summary.json``.
+and the model's own listening front end; every row is a listening row whose labels are its frames' states. Then the
+decision rule (P(irq) >= threshold on N consecutive frames) is chosen on ``--val-clips`` unseen clips of the train
+split and kept as the model's ``config.listen_rule``, which ``DuplexSession`` and ``mini-omni2 serve --duplex`` use.
+The trained model and processor are saved to ``--output-dir`` with ``train_summary.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ logger = logging.getLogger("mini_omni2.train_duplex")
 TINY = "tiny-random"
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mini_omni2.training.duplex import add_listen_training_arguments
 
@@ -36,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the listening row hears (default: the model's config; features for tiny-random)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--train-clips", type=int, default=2000, help="synthetic clips of the train split")
+    parser.add_argument("--val-clips", type=non_negative_int, default=300,
+                        help="unseen clips of the train split to choose the decision rule on (0: keep the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-file", help="also train on these examples (JSON lines, docs/training.md): the stage-3 mix")
     parser.add_argument("--num-synthetic", type=int, default=0,
@@ -91,6 +102,26 @@ def build_dataset(args, model, processor):
     return parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
 
 
+def choose_rule(args, model) -> dict:
+    """Choose the decision rule on ``--val-clips`` clips after the training ones and keep it in the model's config;
+    what was chosen and what it scored there."""
+    from mini_omni2.training.duplex import (
+        MAX_FALSE_PER_10MIN,
+        choose_listen_rule,
+        clip_kwargs,
+        evaluation_examples,
+        sweep_listen_rules,
+    )
+
+    validation = evaluation_examples(model.listen_front_end(), args.val_clips, seed=args.seed, start=args.train_clips,
+                                     **clip_kwargs(args))
+    sweep = sweep_listen_rules(model, validation)
+    rule = choose_listen_rule(sweep, MAX_FALSE_PER_10MIN)
+    model.config.listen_rule = {"threshold": rule.threshold, "min_frames": rule.min_frames}
+    scored = next(r for r in sweep if (r["threshold"], r["min_frames"]) == (rule.threshold, rule.min_frames))
+    return {"listen_rule": model.config.listen_rule, "validation": scored}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -106,10 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps, **listen_training_kwargs(args),
     )
+    chosen = choose_rule(args, model) if args.val_clips else {"listen_rule": model.config.listen_rule}
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     summary = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset),
-               "listen_input": model.config.listen_input}
+               "listen_input": model.config.listen_input, **chosen}
     with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     logger.info("saved to %s: %s", args.output_dir, json.dumps(summary))

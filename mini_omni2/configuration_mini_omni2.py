@@ -10,7 +10,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
-from .token_layout import LISTEN_CODEC, LISTEN_FEATURES, LISTEN_INPUTS, TokenLayout
+from .token_layout import LISTEN_CODEC, LISTEN_FEATURES, LISTEN_INPUTS, TokenLayout, normalize_listen_rule
 
 logger = logging.get_logger(__name__)
 
@@ -115,6 +115,10 @@ class MiniOmni2Config(PreTrainedConfig):
             incoming audio, the paper's way; no extra weights) or `"features"` (log-mel frames through a
             `listen_projector` adapter). See docs/duplex.md.
         listen_feature_config (`dict`): the log-mel front end of `listen_input="features"`.
+        listen_rule (`dict` or `None`): (extension) when this model's listening row commits to `irq`:
+            `{"threshold": t, "min_frames": m}` (P(irq) >= t on m consecutive frames), the rule chosen on validation
+            clips when the row was trained; sessions and the server use it unless told otherwise. `None`: the
+            argmax (0.5 on one frame). See docs/duplex.md.
 
     Example:
 
@@ -148,6 +152,7 @@ class MiniOmni2Config(PreTrainedConfig):
     adapter_intermediate_size: int = 4864
     listen_input: str = LISTEN_CODEC
     listen_feature_config: dict | None = field(default_factory=lambda: dict(LISTEN_FEATURES_DEFAULT))
+    listen_rule: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -186,6 +191,7 @@ class MiniOmni2Config(PreTrainedConfig):
             raise ValueError("listen_feature_config: context_frames and num_mel_bins must be >= 1")
         if self.listen_input == LISTEN_CODEC and self.codec_config is None:
             logger.info("listen_input='codec' needs a codec to encode the incoming audio; this config builds none")
+        self.listen_rule = normalize_listen_rule(self.listen_rule)
 
     @property
     def token_layout(self) -> TokenLayout:

@@ -421,7 +421,8 @@ class DuplexSession:
         tokenizer: decodes text deltas (the processor or its tokenizer; ``None``: token ids only).
         engine: the decoding engine to run on (default: a new one, stepped by :meth:`step`). A server passes its own
             and steps it in its thread; then give ``submit`` too.
-        rule: when the row commits to ``irq`` (default: P(irq) >= 0.5 on one frame).
+        rule: when the row commits to ``irq`` (default: the model's own rule, ``config.listen_rule``, else
+            P(irq) >= 0.5 on one frame).
         settings: the answer's :class:`~.engine_mini_omni2.DecodeSettings` (default: the release's sampling).
         on_event: receives every event instead of :meth:`events`.
         submit: hands groups to the engine (default ``engine.add``, from the thread that steps it).
@@ -451,7 +452,7 @@ class DuplexSession:
         self.layout: TokenLayout = self.config.token_layout
         self.tokenizer = tokenizer
         self.engine = engine if engine is not None else MiniOmni2Engine(model)
-        self.rule = rule or ListenRule()
+        self.rule = rule or ListenRule.for_config(model.config)
         self.settings = settings
         self.on_event = on_event
         self.submit = submit or self.engine.add

@@ -36,7 +36,17 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput
 
 from .streaming_mini_omni2 import StreamStep
-from .token_layout import LISTEN_FEATURES, OUTPUT_ASR, OUTPUT_SPEECH, OUTPUT_TEXT, TASKS, TokenLayout, task_name
+from .token_layout import (
+    LISTEN_FEATURES,
+    OUTPUT_ASR,
+    OUTPUT_SPEECH,
+    OUTPUT_TEXT,
+    TASKS,
+    TokenLayout,
+    check_listen_rule,
+    normalize_listen_rule,
+    task_name,
+)
 
 #: The release's sampling settings (SPEC §6): temperature 0.9, top_k 1 (effectively greedy), top_p 1.0.
 RELEASE_SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 1, "top_p": 1.0}
@@ -1115,10 +1125,14 @@ class ListenRule:
     min_frames: int = 1
 
     def __post_init__(self) -> None:
-        if not 0.0 < float(self.threshold) < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold!r}")
-        if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 1:
-            raise ValueError(f"min_frames must be an int >= 1, got {self.min_frames!r}")
+        check_listen_rule(self.threshold, self.min_frames)
+
+    @classmethod
+    def for_config(cls, config) -> "ListenRule":
+        """The model's own rule: ``config.listen_rule``, chosen on validation clips when its listening row was
+        trained (docs/duplex.md), else the argmax (0.5 on one frame)."""
+        rule = normalize_listen_rule(getattr(config, "listen_rule", None))  # also a value set after loading
+        return cls(**rule) if rule else cls()
 
     def run_after(self, run: int, probability: float) -> int:
         """The count of consecutive frames at the threshold, after a frame with this P(irq)."""
@@ -1157,7 +1171,7 @@ class ListenGroup(EngineGroup):
     Args:
         model: the model (its ``listen_input`` says what a frame is).
         speaking: the group it may interrupt (``None``: only report).
-        rule: :class:`ListenRule`.
+        rule: :class:`ListenRule` (default: the model's own, :meth:`ListenRule.for_config`).
         on_interrupt: called from the engine's step when the row commits to ``irq``.
         window_frames: a row that has been fed this many frames hands over to a fresh row (a new prompt, fed the
             last ``refeed_frames`` frames again as context, not read), so that no row grows longer than the rows the
@@ -1189,7 +1203,7 @@ class ListenGroup(EngineGroup):
         self.features = config.listen_input == LISTEN_FEATURES
         self.feature_dim = config.listen_feature_dim
         self.speaking = speaking
-        self.rule = rule or ListenRule()
+        self.rule = rule or ListenRule.for_config(config)
         self.on_interrupt = on_interrupt
         self.device = next(model.parameters()).device
         self._frames: collections.deque[torch.Tensor] = collections.deque()  # appended by any thread

@@ -7,6 +7,7 @@ models can shrink them while keeping the same rules.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -67,6 +68,27 @@ def task_name(inputs: Sequence[str] | frozenset[str], output: str) -> str:
         f"No layout for inputs {sorted(inputs)} with output {output!r}. Known tasks: "
         + ", ".join(f"{n} ({'+'.join(sorted(i))} -> {o})" for n, (i, o) in TASKS.items())
     )
+
+
+def check_listen_rule(threshold: float, min_frames: int = 1) -> None:
+    """Refuse what cannot be the listening row's decision rule (docs/duplex.md): it commits to ``irq`` when
+    P(irq) >= ``threshold`` (in (0, 1)) on ``min_frames`` (an int >= 1) consecutive frames."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    if isinstance(min_frames, bool) or not isinstance(min_frames, numbers.Integral) or min_frames < 1:
+        raise ValueError(f"min_frames must be an int >= 1, got {min_frames!r}")
+
+
+def normalize_listen_rule(rule: dict | None) -> dict | None:
+    """``listen_rule`` as stored: ``None``, or ``{"threshold": float, "min_frames": int}`` (``min_frames`` defaults
+    to 1); anything else is refused with what was given."""
+    if rule is None:
+        return None
+    if not isinstance(rule, dict) or "threshold" not in rule or set(rule) - {"threshold", "min_frames"}:
+        raise ValueError(f'listen_rule must be None or {{"threshold": t, "min_frames": m}}, got {rule!r}')
+    threshold, min_frames = rule["threshold"], rule.get("min_frames", 1)
+    check_listen_rule(threshold, min_frames)
+    return {"threshold": float(threshold), "min_frames": int(min_frames)}
 
 
 @dataclass
@@ -361,8 +383,7 @@ class TokenLayout:
 
         With the default 0.5 this is the argmax over the two states. Returns global ids, shape (...,).
         """
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        check_listen_rule(threshold)
         irq = self.listen_irq_probability(text_logits) >= threshold
         return torch.where(irq, self.irq, self.n_irq)
 

@@ -315,6 +315,47 @@ def test_a_features_model_saves_and_loads(features_model, tmp_path):
     assert (tmp_path / "duplex_mini_omni2.py").exists()  # the front end ships with the remote code
 
 
+def test_a_model_keeps_its_listening_rule_in_its_config(tmp_path):
+    """config.listen_rule: the decision rule chosen when the row was trained, saved and loaded with the model;
+    min_frames defaults to 1; anything else is refused with what was given."""
+    from mini_omni2 import MiniOmni2Config
+    from mini_omni2.training.duplex import duplex_tiny_config
+
+    assert duplex_tiny_config().listen_rule is None
+    config = duplex_tiny_config(listen_rule={"threshold": 0.6, "min_frames": 3})
+    config.save_pretrained(tmp_path)
+    assert MiniOmni2Config.from_pretrained(tmp_path).listen_rule == {"threshold": 0.6, "min_frames": 3}
+    assert duplex_tiny_config(listen_rule={"threshold": 0.8}).listen_rule == {"threshold": 0.8, "min_frames": 1}
+    for bad, message in [
+        ({"threshold": 1.5}, r"threshold must be a number in \(0, 1\), got 1.5"),
+        ({"threshold": "0.6"}, r"threshold must be a number in \(0, 1\), got '0.6'"),
+        ({"threshold": 0.6, "min_frames": 2.5}, r"min_frames must be an int >= 1, got 2.5"),
+        ({"min_frames": 2}, r"listen_rule must be None or .*got \{'min_frames': 2\}"),
+        ({"threshold": 0.6, "frames": 2}, r"listen_rule must be None or .*'frames': 2"),
+        (0.6, r"listen_rule must be None or .*got 0.6"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            duplex_tiny_config(listen_rule=bad)
+
+
+def test_the_rule_chosen_on_validation_detects_most_within_the_false_interrupt_limit():
+    from mini_omni2.engine_mini_omni2 import ListenRule
+    from mini_omni2.training.duplex import choose_listen_rule
+
+    def row(t, m, detection, false):
+        return {"threshold": t, "min_frames": m, "detection": detection, "false_per_10min": false}
+
+    sweep = [row(0.5, 1, 0.95, 4.0), row(0.6, 2, 0.90, 1.0), row(0.6, 3, 0.90, 0.5), row(0.8, 1, 0.70, 0.0)]
+    assert choose_listen_rule(sweep) == ListenRule(0.6, 3)  # 0.90 at most 1 false; of the two, fewer false
+    assert choose_listen_rule(sweep, max_false_per_10min=5.0) == ListenRule(0.5, 1)
+    noisy = [row(0.5, 1, 0.95, 4.0), row(0.9, 3, 0.40, 2.0)]
+    assert choose_listen_rule(noisy) == ListenRule(0.9, 3)  # none within the limit: the fewest false interrupts
+    with pytest.raises(ValueError, match="need commands and command-free audio"):
+        choose_listen_rule([row(0.5, 1, None, 0.0)])
+    with pytest.raises(ValueError, match="non-empty sweep"):
+        choose_listen_rule([])
+
+
 # ----- the listener: step by step with a cache, as the engine runs the row --------------------------------------
 def _teacher_forced(model, frames):
     layout = model.config.token_layout
@@ -627,9 +668,20 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "duplex"
     summary = script.main(["--output-dir", str(out), "--train-clips", "4", "--max-steps", "2",
-                           "--per-device-train-batch-size", "2", "--warmup-steps", "0", "--tail-seconds", "1.0"])
+                           "--per-device-train-batch-size", "2", "--warmup-steps", "0", "--tail-seconds", "1.0",
+                           "--val-clips", "8"])
     assert summary["steps"] == 2 and summary["examples"] == 4 and summary["listen_input"] == "features"
     assert (out / "train_summary.json").exists() and (out / "config.json").exists()
+    # the rule chosen on the validation clips is the saved model's own, and what it scored there is reported
+    from mini_omni2 import MiniOmni2Config
+    from mini_omni2.training.duplex import LISTEN_RULE_GRID
+
+    rule = summary["listen_rule"]
+    assert (rule["threshold"], rule["min_frames"]) in LISTEN_RULE_GRID
+    assert MiniOmni2Config.from_pretrained(out).listen_rule == rule
+    assert {"detection", "false_per_10min"} <= set(summary["validation"])
+    with pytest.raises(SystemExit):
+        script.build_parser().parse_args(["--output-dir", "x", "--val-clips", "-1"])
     args = script.build_parser().parse_args(["--output-dir", "x", "--tail-seconds", "0",
                                              "--train-kinds", "hum,speech", "--mixture-fraction", "0.5"])
     from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
@@ -638,8 +690,8 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5}
     summary = script.main(["--output-dir", str(tmp_path / "kinds"), "--train-clips", "4", "--max-steps", "1",
                            "--per-device-train-batch-size", "4", "--warmup-steps", "0",
-                           "--train-kinds", "hum,white", "--mixture-fraction", "1"])
-    assert summary["steps"] == 1 and summary["examples"] == 4
+                           "--train-kinds", "hum,white", "--mixture-fraction", "1", "--val-clips", "0"])
+    assert summary["steps"] == 1 and summary["examples"] == 4 and summary["listen_rule"] is None  # kept the model's
 
 
 class _Line(torch.nn.Module):

@@ -157,7 +157,7 @@ def test_listening_rows_refuse_bad_frames_and_rules(codec_model):
         listen.push(torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="codec codes in"):
         listen.push(torch.full((1, 7), 10_000))
-    with pytest.raises(ValueError, match="threshold must be in"):
+    with pytest.raises(ValueError, match="threshold must be a number in"):
         ListenRule(threshold=1.5)
     with pytest.raises(ValueError, match="min_frames must be an int"):
         ListenRule(min_frames=0)
@@ -196,3 +196,27 @@ def test_speaking_rows_of_these_tests_never_feed_n_irq(codec_model, processor_no
     out = codec_model.generate(**speech_inputs(processor_no_vision), max_new_tokens=60, min_new_tokens=60,
                                decode_audio=False)
     assert codec_model.config.token_layout.n_irq not in out.sequences[:, -1].flatten().tolist()
+
+
+def test_sessions_and_rows_use_the_models_own_rule(codec_model, processor_no_vision):
+    """A trained model keeps the rule chosen on validation (config.listen_rule): a session, a listening row and the
+    engine use it unless given another. One irq frame interrupts under the argmax, not under a two-frame rule."""
+    original = codec_model.forward
+    assert DuplexSession(codec_model, processor_no_vision).rule == ListenRule(0.5, 1)  # none kept: the argmax
+    codec_model.config.listen_rule = {"threshold": 0.7, "min_frames": 2}
+    assert DuplexSession(codec_model, processor_no_vision).rule == ListenRule(0.7, 2)
+    assert ListenGroup(codec_model).rule == ListenRule(0.7, 2)
+    assert DuplexSession(codec_model, processor_no_vision, rule=ListenRule(0.6, 1)).rule == ListenRule(0.6, 1)
+    ScriptedListener(codec_model, irq_at=2)  # irq on one frame only
+    session = DuplexSession(codec_model, processor_no_vision, settings=settings(16))
+    session.respond(speech_inputs(processor_no_vision))
+    assert "interrupted" not in [e.type for e in talk(session, mic(10))]
+    codec_model.config.listen_rule = None
+    codec_model.forward = original
+    ScriptedListener(codec_model, irq_at=2)
+    session = DuplexSession(codec_model, processor_no_vision, settings=settings(16))
+    session.respond(speech_inputs(processor_no_vision))
+    assert [e.frame for e in talk(session, mic(10)) if e.type == "interrupted"] == [2]
+    codec_model.config.listen_rule = {"threshold": 0.7, "frames": 2}  # set by hand after loading: still checked
+    with pytest.raises(ValueError, match=r"listen_rule must be None or .*got \{'threshold': 0.7, 'frames': 2\}"):
+        ListenGroup(codec_model)

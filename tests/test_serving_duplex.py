@@ -115,7 +115,7 @@ def test_a_connection_that_leaves_mid_answer_frees_its_rows(client, server, scri
 def test_serve_refuses_a_bad_duplex_rule(capsys):
     code = cli_main(["serve", "--model", "tiny-random", "--duplex", "--duplex-threshold", "1.5"])
     assert code == 2
-    assert "threshold must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert "threshold must be a number in (0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_a_server_without_duplex_says_nothing_of_it(processor_no_vision):
@@ -124,3 +124,24 @@ def test_a_server_without_duplex_says_nothing_of_it(processor_no_vision):
     assert state.duplex is None and state.health()["duplex"] is False
     with pytest.raises(TypeError, match="duplex must be a ListenRule, True or None, got str"):
         create_app(model, processor_no_vision, NAME, duplex="yes")
+
+
+def test_duplex_on_takes_the_models_own_rule_unless_the_command_line_sets_it(processor_no_vision):
+    """`--duplex` (create_app(duplex=True)) uses the rule the model was trained with (config.listen_rule);
+    --duplex-threshold / --duplex-min-frames replace their part of it."""
+    import argparse
+
+    from mini_omni2.cli.serve import add_serve_arguments, duplex_rule
+
+    model = tiny_model(vision=False, codec=True, seed=4)
+    model.config.listen_rule = {"threshold": 0.6, "min_frames": 3}
+    assert create_app(model, processor_no_vision, NAME, duplex=True).state.server.duplex == ListenRule(0.6, 3)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    rule = lambda *argv: duplex_rule(parser.parse_args(["--model", "m", "--duplex", *argv]), model.config)  # noqa: E731
+    assert rule() == ListenRule(0.6, 3)
+    assert rule("--duplex-threshold", "0.8") == ListenRule(0.8, 3)
+    assert rule("--duplex-min-frames", "1") == ListenRule(0.6, 1)
+    assert duplex_rule(parser.parse_args(["--model", "m"]), model.config) is None
+    model.config.listen_rule = None
+    assert rule() == ListenRule(0.5, 1)  # a model without a rule: the argmax

@@ -40,29 +40,45 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--duplex", action="store_true",
                         help="spoken realtime answers listen for 'stop omni' and stop when the model hears it "
                              "(needs a model whose listening row was trained, docs/duplex.md)")
-    parser.add_argument("--duplex-threshold", type=float, default=0.5,
-                        help="P(irq) that commits an interruption (default 0.5)")
-    parser.add_argument("--duplex-min-frames", type=int, default=1,
-                        help="consecutive frames (85 ms each) at the threshold before it commits (default 1)")
+    parser.add_argument("--duplex-threshold", type=float,
+                        help="P(irq) that commits an interruption (default: the model's listen_rule, else 0.5)")
+    parser.add_argument("--duplex-min-frames", type=int,
+                        help="consecutive frames (85 ms each) at the threshold before it commits "
+                             "(default: the model's listen_rule, else 1)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return parser
 
 
+def duplex_rule(args: argparse.Namespace, config):
+    """``--duplex``'s rule: ``--duplex-threshold`` / ``--duplex-min-frames`` where given, else the model's own
+    (``config.listen_rule``, chosen on validation clips when its listening row was trained; else the argmax)."""
+    from ..engine_mini_omni2 import ListenRule
+
+    if not args.duplex:
+        return None
+    own = ListenRule.for_config(config)
+    return ListenRule(own.threshold if args.duplex_threshold is None else args.duplex_threshold,
+                      own.min_frames if args.duplex_min_frames is None else args.duplex_min_frames)
+
+
 def build_app(args: argparse.Namespace):
     """Load the model and build the application (split from :func:`run_serve` for tests)."""
-    from ..engine_mini_omni2 import ListenRule
     from ..serving.app import create_app
+    from ..token_layout import check_listen_rule
 
-    duplex = ListenRule(args.duplex_threshold, args.duplex_min_frames) if args.duplex else None
+    if args.duplex:  # a bad value is refused before the model loads (the rest of the rule is the model's)
+        check_listen_rule(0.5 if args.duplex_threshold is None else args.duplex_threshold,
+                          1 if args.duplex_min_frames is None else args.duplex_min_frames)
     random_weights = args.model == TINY_RANDOM
     if random_weights:
         warn_tiny_random(" (use it to try the server, not the model)")
-        if duplex is not None:
+        if args.duplex:
             print("warning: --duplex with random weights: the listening row interrupts answers at random",
                   file=sys.stderr, flush=True)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, processor = load(args.model, args.device, args.dtype)
     print(describe(model), file=sys.stderr, flush=True)
+    duplex = duplex_rule(args, model.config)
     max_tokens = args.max_tokens or (TINY_RANDOM_MAX_NEW_TOKENS if random_weights else 1024)
     return create_app(
         model, processor, args.served_model_name or args.model,

@@ -139,12 +139,13 @@ def create_app(
         random_weights: say so in ``/health`` and on the page (``tiny-random``).
         shutdown_timeout: seconds in-flight answers get to finish at shutdown before they are cancelled.
         stream_stride: codec frames per streamed audio chunk (4 = 341 ms, the release's).
-        duplex: a :class:`~mini_omni2.engine_mini_omni2.ListenRule` (or ``True`` for the default rule): spoken
+        duplex: a :class:`~mini_omni2.engine_mini_omni2.ListenRule` (or ``True`` for the model's own rule,
+            ``ListenRule.for_config``: its ``listen_rule``, else the argmax): spoken
             answers of the realtime endpoint get a listening row that stops them when the user says "stop omni"
             (the model's listening row must be trained for it, docs/duplex.md). Off by default.
     """
     if duplex is True:
-        duplex = ListenRule()
+        duplex = ListenRule.for_config(model.config)
     if duplex is not None and not isinstance(duplex, ListenRule):
         raise TypeError(f"duplex must be a ListenRule, True or None, got {type(duplex).__name__}")
     if duplex is not None:

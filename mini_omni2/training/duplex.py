@@ -6,6 +6,8 @@
   stage-3 mix), with the collator's listening rows.
 - :func:`evaluate_listener`: held-out clips run step by step through :class:`~mini_omni2.duplex_mini_omni2.MiniOmni2Listener`
   exactly as inference runs the row; detection rate, delay and false interrupts.
+- :func:`sweep_listen_rules` / :func:`choose_listen_rule`: the decision rule chosen on validation clips, which a
+  trained model keeps in ``config.listen_rule`` (sessions and the server use it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ from ..token_layout import LISTEN_FEATURES
 #: How late after the end of "stop omni" an ``irq`` still counts as hearing it (seconds): the evaluation's detection
 #: window, and how much of a clip's tail training keeps (a row ends at its first ``irq``; later labels go unused).
 DETECTION_WINDOW_SECONDS = 2.0
+
+#: Tails of the clips that evaluation scores (validation and held-out): at least the detection window, so that a late
+#: ``irq`` is still inside the clip.
+EVALUATION_TAIL_SECONDS = (DETECTION_WINDOW_SECONDS, 10.0)
+
+#: The clip fields that evaluation reads (:func:`clip_outcome`, :func:`summarize`), kept beside the listening inputs.
+EVALUATION_FIELDS = ("command_start", "command_end", "spoken", "kind", "snr_db")
+
+#: Decision rules tried when one is chosen on validation clips: P(irq) >= threshold on min_frames consecutive frames.
+LISTEN_RULE_GRID = tuple((t, m) for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for m in (1, 2, 3))
+
+#: The false interrupts a chosen rule allows on validation clips, per 10 minutes of command-free audio: the goal of
+#: the proof (docs/duplex.md).
+MAX_FALSE_PER_10MIN = 1.0
 
 #: The recipe's weight averaging (:class:`~.callbacks.WeightAveragingCallback`). Over the proof's 2,000 steps the
 #: cap is never reached: 90 % of the average's weight is on the last 450 steps (docs/duplex.md).
@@ -52,6 +68,16 @@ def prepare_listen_examples(clips: Sequence[dict], front_end, keep: Sequence[str
     """Clips -> listening examples (``listen_features`` or ``listen_codes``, ``frame_labels``) through ``front_end``,
     keeping the clip fields named in ``keep`` (e.g. ``("command_start", "command_end", "spoken", "kind")``)."""
     return [{**listen_inputs(clip, front_end), **{k: clip[k] for k in keep}} for clip in clips]
+
+
+def evaluation_examples(front_end, count: int, seed: int = 0, start: int = 0, split: str = "train",
+                        **clip_kwargs) -> list[dict]:
+    """Clips ``start .. start + count - 1`` of ``split`` made for scoring (``EVALUATION_TAIL_SECONDS`` tails) through
+    ``front_end``, with the fields evaluation reads. Validation clips are the train split's after the training ones."""
+    from .duplex_data import duplex_generator
+
+    clips = duplex_generator(split, count, seed=seed, start=start, tail_seconds=EVALUATION_TAIL_SECONDS, **clip_kwargs)
+    return prepare_listen_examples(list(clips), front_end, keep=EVALUATION_FIELDS)
 
 
 class FeatureBandMasking:
@@ -366,8 +392,41 @@ def evaluate_listener(
     return {**summarize(outcomes), "threshold": threshold, "min_frames": min_frames, "max_delay_s": max_delay}
 
 
+
+def sweep_listen_rules(model, examples: Sequence[dict], probabilities: Sequence[np.ndarray] | None = None,
+                       rules: Sequence[tuple[float, int]] = LISTEN_RULE_GRID) -> list[dict]:
+    """Detection, false interrupts and median delay of each rule on ``examples`` (one run of the rows, then each
+    rule scored on the same probabilities)."""
+    if probabilities is None:
+        probabilities = listener_probabilities(model, examples)
+    sweep = []
+    for threshold, min_frames in rules:
+        r = evaluate_listener(model, examples, threshold, min_frames, probabilities=probabilities)
+        sweep.append({"threshold": threshold, "min_frames": min_frames, "detection": r["detection"],
+                      "false_per_10min": r["false_per_10min"], "median_delay_ms": r["median_delay_ms"]})
+    return sweep
+
+
+def choose_listen_rule(sweep: Sequence[dict], max_false_per_10min: float = MAX_FALSE_PER_10MIN) -> ListenRule:
+    """The rule of a :func:`sweep_listen_rules` with the most detections among those with at most
+    ``max_false_per_10min`` false interrupts (ties: fewer false interrupts), else the one with the fewest."""
+    if not sweep:
+        raise ValueError("choose_listen_rule needs a non-empty sweep")
+    if any(r["detection"] is None or r["false_per_10min"] is None for r in sweep):
+        raise ValueError("the validation clips need commands and command-free audio to choose a rule on")
+    within = [r for r in sweep if r["false_per_10min"] <= max_false_per_10min]
+    if within:
+        best = max(within, key=lambda r: (r["detection"], -r["false_per_10min"]))
+    else:
+        best = min(sweep, key=lambda r: (r["false_per_10min"], -r["detection"]))
+    return ListenRule(best["threshold"], best["min_frames"])
+
+
 __all__ = [
     "DETECTION_WINDOW_SECONDS",
+    "EVALUATION_TAIL_SECONDS",
+    "EVALUATION_FIELDS",
+    "evaluation_examples",
     "DUPLEX_TINY_TEXT",
     "LISTEN_WEIGHT_AVERAGING_DECAY",
     "duplex_tiny_config",
@@ -380,4 +439,8 @@ __all__ = [
     "listener_probabilities",
     "summarize",
     "evaluate_listener",
+    "LISTEN_RULE_GRID",
+    "MAX_FALSE_PER_10MIN",
+    "sweep_listen_rules",
+    "choose_listen_rule",
 ]
