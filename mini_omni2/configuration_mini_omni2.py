@@ -172,6 +172,15 @@ class MiniOmni2Config(PreTrainedConfig):
             raise ValueError("the codec must have the 3 SNAC levels that the 7 audio layers map onto")
         self._check_listen()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """transformers sets keyword overrides (``from_pretrained(folder, listen_input="features")``) as attributes
+        after the config is built and checked: check the listening fields again, so a bad override is refused at
+        load like a bad value in ``config.json``."""
+        out = super().from_dict(config_dict, **kwargs)
+        (out[0] if isinstance(out, tuple) else out)._check_listen()
+        return out
+
     def _check_listen(self) -> None:
         if self.listen_input not in LISTEN_INPUTS:
             raise ValueError(f"listen_input must be one of {LISTEN_INPUTS}, got {self.listen_input!r}")

@@ -326,6 +326,13 @@ def test_a_model_keeps_its_listening_rule_in_its_config(tmp_path):
     config.save_pretrained(tmp_path)
     assert MiniOmni2Config.from_pretrained(tmp_path).listen_rule == {"threshold": 0.6, "min_frames": 3}
     assert duplex_tiny_config(listen_rule={"threshold": 0.8}).listen_rule == {"threshold": 0.8, "min_frames": 1}
+    # an override at load is set after the config is built: it is checked (and completed) all the same
+    assert MiniOmni2Config.from_pretrained(tmp_path, listen_rule={"threshold": 0.7}).listen_rule == {
+        "threshold": 0.7, "min_frames": 1}
+    with pytest.raises(ValueError, match=r"threshold must be a number in \(0, 1\), got 5"):
+        MiniOmni2Config.from_pretrained(tmp_path, listen_rule={"threshold": 5})
+    with pytest.raises(ValueError, match="listen_input must be one of"):
+        MiniOmni2Config.from_pretrained(tmp_path, listen_input="bogus")
     for bad, message in [
         ({"threshold": 1.5}, r"threshold must be a number in \(0, 1\), got 1.5"),
         ({"threshold": "0.6"}, r"threshold must be a number in \(0, 1\), got '0.6'"),
