@@ -102,6 +102,7 @@ def proof(args) -> dict:
     import torch
 
     from mini_omni2 import MiniOmni2ForConditionalGeneration
+    from mini_omni2.engine_mini_omni2 import ListenRule
     from mini_omni2.tiny import tiny_processor
     from mini_omni2.training.duplex import duplex_tiny_config, evaluate_listener, listener_probabilities, train_listener
 
@@ -149,7 +150,7 @@ def proof(args) -> dict:
     val_probabilities = listener_probabilities(model, validation, **window)
     threshold, min_frames, val_sweep = choose_rule(model, validation, val_probabilities, args)
     if args.save:  # the model keeps the rule it is scored with: sessions and the server use it
-        model.config.listen_rule = {"threshold": threshold, "min_frames": min_frames}
+        model.config.listen_rule = ListenRule(threshold, min_frames).as_config()
         model.save_pretrained(args.save)
     metrics = evaluate_listener(model, test, threshold, min_frames, probabilities=probabilities)
     fixed = evaluate_listener(model, test, 0.5, 1, probabilities=probabilities)

@@ -117,7 +117,7 @@ def choose_rule(args, model) -> dict:
                                      **clip_kwargs(args))
     sweep = sweep_listen_rules(model, validation)
     rule = choose_listen_rule(sweep, MAX_FALSE_PER_10MIN)
-    model.config.listen_rule = {"threshold": rule.threshold, "min_frames": rule.min_frames}
+    model.config.listen_rule = rule.as_config()
     scored = next(r for r in sweep if (r["threshold"], r["min_frames"]) == (rule.threshold, rule.min_frames))
     return {"listen_rule": model.config.listen_rule, "validation": scored}
 

@@ -20,7 +20,7 @@ import collections
 import functools
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -1133,6 +1133,10 @@ class ListenRule:
         trained (docs/duplex.md), else the argmax (0.5 on one frame)."""
         rule = normalize_listen_rule(getattr(config, "listen_rule", None))  # also a value set after loading
         return cls(**rule) if rule else cls()
+
+    def as_config(self) -> dict:
+        """The rule as ``config.listen_rule`` keeps it (:meth:`for_config` reads it back)."""
+        return normalize_listen_rule(asdict(self))
 
     def run_after(self, run: int, probability: float) -> int:
         """The count of consecutive frames at the threshold, after a frame with this P(irq)."""

@@ -354,6 +354,7 @@ def test_the_rule_chosen_on_validation_detects_most_within_the_false_interrupt_l
 
     sweep = [row(0.5, 1, 0.95, 4.0), row(0.6, 2, 0.90, 1.0), row(0.6, 3, 0.90, 0.5), row(0.8, 1, 0.70, 0.0)]
     assert choose_listen_rule(sweep) == ListenRule(0.6, 3)  # 0.90 at most 1 false; of the two, fewer false
+    assert ListenRule(0.6, 3).as_config() == {"threshold": 0.6, "min_frames": 3}  # as config.listen_rule keeps it
     assert choose_listen_rule(sweep, max_false_per_10min=5.0) == ListenRule(0.5, 1)
     noisy = [row(0.5, 1, 0.95, 4.0), row(0.9, 3, 0.40, 2.0)]
     assert choose_listen_rule(noisy) == ListenRule(0.9, 3)  # none within the limit: the fewest false interrupts

@@ -51,7 +51,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def duplex_rule(args: argparse.Namespace, config):
     """``--duplex``'s rule: ``--duplex-threshold`` / ``--duplex-min-frames`` where given, else the model's own
-    (``config.listen_rule``, chosen on validation clips when its listening row was trained; else the argmax)."""
+    (``config.listen_rule``, chosen on validation clips when its listening row was trained; else, or with ``config``
+    None, the argmax)."""
     from ..engine_mini_omni2 import ListenRule
 
     if not args.duplex:
@@ -64,11 +65,8 @@ def duplex_rule(args: argparse.Namespace, config):
 def build_app(args: argparse.Namespace):
     """Load the model and build the application (split from :func:`run_serve` for tests)."""
     from ..serving.app import create_app
-    from ..token_layout import check_listen_rule
 
-    if args.duplex:  # a bad value is refused before the model loads (the rest of the rule is the model's)
-        check_listen_rule(0.5 if args.duplex_threshold is None else args.duplex_threshold,
-                          1 if args.duplex_min_frames is None else args.duplex_min_frames)
+    duplex_rule(args, None)  # a bad --duplex-* value is refused before the model loads
     random_weights = args.model == TINY_RANDOM
     if random_weights:
         warn_tiny_random(" (use it to try the server, not the model)")

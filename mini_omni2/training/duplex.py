@@ -392,7 +392,6 @@ def evaluate_listener(
     return {**summarize(outcomes), "threshold": threshold, "min_frames": min_frames, "max_delay_s": max_delay}
 
 
-
 def sweep_listen_rules(model, examples: Sequence[dict], probabilities: Sequence[np.ndarray] | None = None,
                        rules: Sequence[tuple[float, int]] = LISTEN_RULE_GRID) -> list[dict]:
     """Detection, false interrupts and median delay of each rule on ``examples`` (one run of the rows, then each
