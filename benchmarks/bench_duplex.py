@@ -72,17 +72,56 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _cache_file(cache: str, key: dict, job: tuple) -> str:
+    """The file of one chunk of examples in ``--cache``: named by everything the examples depend on (the clip's
+    split, indices, seed and options, the front end's settings, and the source of the code that makes them), so a
+    changed generator or front end never reads stale examples."""
+    import hashlib
+
+    import mini_omni2.duplex_mini_omni2 as front_end_code
+    import mini_omni2.training.duplex_data as data_code
+
+    split, indices, _, seed, half, clip_options = job
+    digest = hashlib.sha256()
+    for path in (data_code.__file__, front_end_code.__file__):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    digest.update(json.dumps([key, split, indices, seed, half, clip_options], sort_keys=True, default=str).encode())
+    return os.path.join(cache, f"{split}-{indices[0]}-{indices[-1]}-{digest.hexdigest()[:16]}.pkl")
+
+
+def _cached_chunk(job: tuple) -> list[dict]:
+    """:func:`_examples_chunk`, read from or written to the cache when one is given."""
+    import pickle
+
+    cache, key, job = job
+    if cache is None:
+        return _examples_chunk(job)
+    path = _cache_file(cache, key, job)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    examples = _examples_chunk(job)
+    with open(path + ".part", "wb") as f:
+        pickle.dump(examples, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(path + ".part", path)
+    return examples
+
+
 def make_examples(split: str, count: int, front_end, seed: int, start: int = 0, workers: int = 1, half: bool = False,
-                  **clip_kwargs) -> list[dict]:
-    """Clips ``start .. start + count - 1`` of ``split`` through ``front_end`` (``workers`` processes, same result)."""
+                  cache: str | None = None, cache_key: dict | None = None, **clip_kwargs) -> list[dict]:
+    """Clips ``start .. start + count - 1`` of ``split`` through ``front_end`` (``workers`` processes, same result).
+    ``cache``: a folder that keeps them between runs (``cache_key``: the front end's settings)."""
+    if cache is not None:
+        os.makedirs(cache, exist_ok=True)
     chunks = [range(i, min(i + 50, start + count)) for i in range(start, start + count, 50)]
-    jobs = [(split, list(chunk), front_end, seed, half, clip_kwargs) for chunk in chunks]
+    jobs = [(cache, cache_key, (split, list(chunk), front_end, seed, half, clip_kwargs)) for chunk in chunks]
     if workers <= 1:
-        return [e for job in jobs for e in _examples_chunk(job)]
+        return [e for job in jobs for e in _cached_chunk(job)]
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
-        return [e for part in pool.imap(_examples_chunk, jobs) for e in part]
+        return [e for part in pool.imap(_cached_chunk, jobs) for e in part]
 
 
 def choose_rule(model, validation, probabilities, args) -> tuple[float, int, list]:
@@ -123,17 +162,20 @@ def proof(args) -> dict:
     front_end = model.listen_front_end()
 
     train_kinds = clip_kwargs(args)
+    cache = {"cache": args.cache, "cache_key": {k: getattr(model.config, k) for k in (
+        "listen_input", "listen_sampling_rate", "listen_frame_samples", "listen_feature_config")}}
     start = time.perf_counter()
-    test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS)
+    test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers,
+                         tail_seconds=EVALUATION_TAIL_SECONDS, **cache)
     # validation: unseen clips of the train split (its voices, words and kinds), to choose the decision rule
     validation = make_examples("train", args.val_clips, front_end, args.seed, start=args.train_clips,
-                               workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS, **train_kinds)
+                               workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS, **train_kinds, **cache)
     timings["test_data_s"] = time.perf_counter() - start
     result: dict = {}
     if not args.model:
         start = time.perf_counter()
         train = make_examples("train", args.train_clips, front_end, args.seed, workers=args.workers, half=True,
-                              **train_kinds)
+                              **train_kinds, **cache)
         timings["train_data_s"] = time.perf_counter() - start
         start = time.perf_counter()
         output = train_listener(
@@ -316,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--workers", type=int, default=1, help="processes that make the clips (same clips for any)")
+    parser.add_argument("--cache", help="keep the clips' examples in this folder and reuse them in later runs (the "
+                                        "same examples as made anew: keyed by everything they depend on)")
     parser.add_argument("--cost", action="store_true", help="measure the listening row's cost instead")
     parser.add_argument("--cost-size", choices=("released", "tiny"), default="released")
     parser.add_argument("--cost-context", type=int, default=256)
