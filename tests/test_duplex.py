@@ -549,9 +549,7 @@ def test_a_small_trained_model_detects_the_command_on_held_out_clips(tmp_path):
     assert result["median_delay_ms"] < 500
 
 
-def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
-    """The code path of ``bench_duplex.py --cost``: one spoken answer on the engine, with and without its listening
-    row (timed for real at the released sizes, not here)."""
+def _bench_duplex():
     import importlib.util
     from pathlib import Path
 
@@ -559,6 +557,13 @@ def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
     spec = importlib.util.spec_from_file_location("bench_duplex", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
+    """The code path of ``bench_duplex.py --cost``: one spoken answer on the engine, with and without its listening
+    row (timed for real at the released sizes, not here)."""
+    bench = _bench_duplex()
     for model in (features_model, codec_model):
         row = bench.listen_cost(model, context=8, steps=2, warmup=1)
         assert row["listen_input"] == model.config.listen_input
@@ -567,13 +572,7 @@ def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
 
 
 def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "benchmarks" / "bench_duplex.py"
-    spec = importlib.util.spec_from_file_location("bench_duplex", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_duplex()
     for argv, message in [(["--train-kinds", "white,rain"], "--train-kinds: kinds must be background kinds of"),
                           (["--mixture-fraction", "1.5"], "--mixture-fraction: mixture_fraction must be in [0, 1], got 1.5"),
                           (["--tail-seconds", "-1"], "--tail-seconds: tail seconds must be > 0, or 0 for the whole tail"),
@@ -581,6 +580,30 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_the_proof_benchmark_cache_gives_the_examples_made_anew(features_model, tmp_path):
+    """``bench_duplex.py --cache``: a second run reads the first run's examples, equal to examples made anew; other
+    clip options or front-end settings are other files, never the stale ones."""
+    bench = _bench_duplex()
+    front_end = features_model.listen_front_end()
+    key = {"listen_feature_config": features_model.config.listen_feature_config}
+    first = bench.make_examples("train", 2, front_end, 0, start=7, half=True, cache=str(tmp_path), cache_key=key)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".pkl"
+    second = bench.make_examples("train", 2, front_end, 0, start=7, half=True, cache=str(tmp_path), cache_key=key)
+    fresh = bench.make_examples("train", 2, front_end, 0, start=7, half=True)
+    assert sorted(tmp_path.iterdir()) == files
+    for cached, again, made in zip(first, second, fresh):
+        assert cached.keys() == made.keys()
+        for name in made:
+            assert np.array_equal(np.asarray(cached[name]), np.asarray(made[name]))
+            assert np.array_equal(np.asarray(again[name]), np.asarray(made[name]))
+    bench.make_examples("train", 2, front_end, 0, start=7, half=True, cache=str(tmp_path), cache_key=key,
+                        kinds=("white",))
+    other_front_end = {"listen_feature_config": {**key["listen_feature_config"], "num_mel_bins": 32}}
+    bench.make_examples("train", 2, front_end, 0, start=7, half=True, cache=str(tmp_path), cache_key=other_front_end)
+    assert len(list(tmp_path.iterdir())) == 3
 
 
 REMOTE_LISTENER = '''
