@@ -157,6 +157,10 @@ class MiniOmni2Config(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        """Every check of the fields together (also run again after keyword overrides: :meth:`from_dict`)."""
         layout = self.token_layout  # validates the sizes
         derived = layout.total_vocab_size
         given = getattr(self.text_config, "vocab_size", None)
@@ -175,10 +179,10 @@ class MiniOmni2Config(PreTrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """transformers sets keyword overrides (``from_pretrained(folder, listen_input="features")``) as attributes
-        after the config is built and checked: check the listening fields again, so a bad override is refused at
-        load like a bad value in ``config.json``."""
+        after the config is built and checked: check the fields again, so a bad override is refused at load like a
+        bad value in ``config.json``."""
         out = super().from_dict(config_dict, **kwargs)
-        (out[0] if isinstance(out, tuple) else out)._check_listen()
+        (out[0] if isinstance(out, tuple) else out)._check_fields()
         return out
 
     def _check_listen(self) -> None:

@@ -56,3 +56,15 @@ def test_inconsistent_codec_is_refused():
         MiniOmni2Config(codec_config=dict(MiniOmni2Config().codec_config, codebook_size=1024))
     with pytest.raises(ValueError, match="audio specials"):
         MiniOmni2Config(audio_vocab_size=4097)
+
+
+def test_keyword_overrides_at_load_are_checked_like_config_json(tmp_path):
+    """transformers sets ``from_pretrained(folder, key=value)`` overrides after the config is built: they pass the
+    same checks as the file's values, and a good one keeps the derived sizes consistent."""
+    tiny_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="codebook_size"):
+        MiniOmni2Config.from_pretrained(tmp_path, audio_codebook_size=5)
+    with pytest.raises(ValueError, match="audio specials"):
+        MiniOmni2Config.from_pretrained(tmp_path, audio_vocab_size=tiny_config().audio_codebook_size + 1)
+    loaded = MiniOmni2Config.from_pretrained(tmp_path, text_vocab_size=tiny_config().text_vocab_size + 64)
+    assert loaded.text_config.vocab_size == loaded.token_layout.total_vocab_size == tiny_config().total_vocab_size + 64
