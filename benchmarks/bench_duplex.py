@@ -125,7 +125,7 @@ def make_examples(split: str, count: int, front_end, seed: int, start: int = 0, 
 
 
 def choose_rule(model, validation, probabilities, args) -> tuple[float, int, list]:
-    """The decision rule, chosen on the validation split's clips (``choose_listen_rule``): the most
+    """The decision rule, chosen on validation clips (train split, unseen; ``choose_listen_rule``): the most
     detections with at most ``GOALS["false_per_10min"]`` false interrupts per 10 minutes, else the fewest false
     interrupts. ``--threshold`` / ``--min-frames`` fix it instead."""
     from mini_omni2.training.duplex import choose_listen_rule, sweep_listen_rules
@@ -167,9 +167,9 @@ def proof(args) -> dict:
     start = time.perf_counter()
     test = make_examples("test", args.test_clips, front_end, args.seed, workers=args.workers,
                          tail_seconds=EVALUATION_TAIL_SECONDS, **cache)
-    # validation: clips whose voices and noise kinds training never hears (as on test), to choose the decision rule
-    validation = make_examples("validation", args.val_clips, front_end, args.seed, workers=args.workers,
-                               tail_seconds=EVALUATION_TAIL_SECONDS, **cache)
+    # validation: unseen clips of the train split (its voices, words and kinds), to choose the decision rule
+    validation = make_examples("train", args.val_clips, front_end, args.seed, start=args.train_clips,
+                               workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS, **train_kinds, **cache)
     timings["test_data_s"] = time.perf_counter() - start
     result: dict = {}
     if not args.model:
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-width", type=int, default=8, help="widest masked band, in mel bins")
     parser.add_argument("--warp", type=float, default=0.0, help="stretch each training row's mel axis by 1 +- warp")
     add_listen_training_arguments(parser)
-    parser.add_argument("--val-clips", type=int, default=1000, help="validation-split clips to choose the rule on")
+    parser.add_argument("--val-clips", type=int, default=1000, help="unseen train-split clips to choose the rule on")
     parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")
     parser.add_argument("--window", type=int, default=0, help="restart listening rows after this many frames (0: never)")

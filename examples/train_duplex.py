@@ -12,8 +12,8 @@ with stage-3 data of the example format (docs/training.md):
 
 The clips come from ``mini_omni2.training.duplex_data.duplex_generator`` through ``datasets.Dataset.from_generator``
 and the model's own listening front end; every row is a listening row whose labels are its frames' states. Then the
-decision rule (P(irq) >= threshold on N consecutive frames) is chosen on ``--val-clips`` clips of the validation split
-(voices and noises training never hears) and kept as the model's ``config.listen_rule``, which ``DuplexSession`` and ``mini-omni2 serve --duplex`` use.
+decision rule (P(irq) >= threshold on N consecutive frames) is chosen on ``--val-clips`` unseen clips of the train
+split and kept as the model's ``config.listen_rule``, which ``DuplexSession`` and ``mini-omni2 serve --duplex`` use.
 The trained model and processor are saved to ``--output-dir`` with ``train_summary.json``.
 """
 
@@ -103,16 +103,18 @@ def build_dataset(args, model, processor):
 
 
 def choose_rule(args, model) -> dict:
-    """Choose the decision rule on ``--val-clips`` clips of the validation split and keep it in the model's config;
+    """Choose the decision rule on ``--val-clips`` clips after the training ones and keep it in the model's config;
     what was chosen and what it scored there."""
     from mini_omni2.training.duplex import (
         MAX_FALSE_PER_10MIN,
         choose_listen_rule,
+        clip_kwargs,
         evaluation_examples,
         sweep_listen_rules,
     )
 
-    validation = evaluation_examples(model.listen_front_end(), args.val_clips, seed=args.seed)
+    validation = evaluation_examples(model.listen_front_end(), args.val_clips, seed=args.seed, start=args.train_clips,
+                                     **clip_kwargs(args))
     sweep = sweep_listen_rules(model, validation)
     rule = choose_listen_rule(sweep, MAX_FALSE_PER_10MIN)
     model.config.listen_rule = rule.as_config()

@@ -70,11 +70,10 @@ def prepare_listen_examples(clips: Sequence[dict], front_end, keep: Sequence[str
     return [{**listen_inputs(clip, front_end), **{k: clip[k] for k in keep}} for clip in clips]
 
 
-def evaluation_examples(front_end, count: int, seed: int = 0, start: int = 0, split: str = "validation",
+def evaluation_examples(front_end, count: int, seed: int = 0, start: int = 0, split: str = "train",
                         **clip_kwargs) -> list[dict]:
     """Clips ``start .. start + count - 1`` of ``split`` made for scoring (``EVALUATION_TAIL_SECONDS`` tails) through
-    ``front_end``, with the fields evaluation reads: by default the validation split's, whose voices and noises
-    training never hears (a rule chosen on them meets new ones, as on test)."""
+    ``front_end``, with the fields evaluation reads. Validation clips are the train split's after the training ones."""
     from .duplex_data import duplex_generator
 
     clips = duplex_generator(split, count, seed=seed, start=start, tail_seconds=EVALUATION_TAIL_SECONDS, **clip_kwargs)

@@ -9,10 +9,9 @@ me", "top omni") in its place.
 
 Clips are made at 16 kHz (a microphone's rate); the model hears them through the listening front end
 (:class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`), which resamples them exactly as it does a live
-stream. Everything is deterministic given ``(seed, split, index)``. Splits: ``"train"``; ``"validation"`` (to choose
-a decision rule on) whose voices and noise kinds never occur in ``"train"`` (made-up voices it never draws; hum,
-sweeps, clatter); and ``"test"`` whose voices (espeak-ng accents *and* variants), background words and two noise kinds
-(pink noise, chords) never occur in ``"train"`` nor ``"validation"``.
+stream. Everything is deterministic given ``(seed, split, index)``. Splits: ``"train"``, and ``"test"`` whose voices
+(espeak-ng accents *and* variants), background words and two noise kinds (pink noise, chords) never occur in
+``"train"``.
 
 ``datasets.Dataset.from_generator(duplex_generator, gen_kwargs=dict(split="train", num_examples=1000, seed=0))``
 builds a dataset; :class:`DuplexPreprocessor` maps it to listening inputs and frame labels for the collator.
@@ -38,14 +37,12 @@ from ..token_layout import LISTEN_FEATURES, LISTEN_TASK
 CLIP_SAMPLING_RATE = 16000
 COMMAND_TEXTS = ("stop omni", "Stop Omni.", "stop, omni!", "Stop omni!")
 NEAR_MISSES = ("stop", "omni", "stop on me", "top omni")
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "test")
 
 #: espeak-ng English accents (``espeak-ng --voices=en``) and voice variants (``espeak-ng --voices=variant``), split so
-#: that a test voice has both an accent and a variant never used in training. The validation split has no accent of
-#: its own (espeak-ng has no other English one): its voices are made-up variants training never draws.
+#: that a test voice has both an accent and a variant never used in training.
 ACCENTS = {
     "train": ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan"),
-    "validation": ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan"),
     "test": ("en-029", "en-gb-x-gbcwmd"),
 }
 VARIANTS = {
@@ -57,17 +54,15 @@ VARIANTS = {
         "michel", "miguel", "Mike", "Nguyen", "pablo", "paul", "pedro", "quincy", "rob", "sandro", "shelby", "steph",
         "steph3", "victor", "zac",
     ),
-    "validation": (),
     "test": (
         "m7", "f4", "klatt3", "Andy", "Annie", "aunty", "belinda", "edward", "iven2", "linda", "max", "norbert",
         "robert", "steph2", "travis",
     ),
 }
-#: Made-up voice variants per split (:func:`random_variant`, by index): espeak-ng offers a few dozen hand-made variants,
-#: too few for a listener to learn the command rather than the voices; the train split adds 150 random ones (formants,
-#: pitch, voice quality). The validation split's voices are the next 100, which training never hears. The test split
-#: has none: its voices are all hand-made variants training never hears.
-RANDOM_VARIANTS = {"train": range(0, 150), "validation": range(150, 250), "test": range(0)}
+#: Made-up voice variants per split (:func:`random_variant`): espeak-ng offers a few dozen hand-made variants, too few
+#: for a listener to learn the command rather than the voices; the train split adds this many random ones (formants,
+#: pitch, voice quality). The test split has none: its voices are all hand-made variants training never hears.
+RANDOM_VARIANTS = {"train": 150, "test": 0}
 RANDOM_VARIANT_PREFIX = "mo2rnd"
 
 
@@ -85,20 +80,16 @@ def random_variant_index(voice: str) -> int | None:
 #: Klatt synthesiser modes a random variant may use (the test split's ``klatt3`` is not among them).
 RANDOM_VARIANT_KLATT = (1, 2, 4, 5, 6)
 
-SPEECH_KINDS = ("speech", "babble")
-#: Kinds neither training nor test uses by default: mains hum, sirens/whistles and clatter. The validation split's
-#: noises, so that a rule chosen on it meets noises training never heard, as test does; also for
-#: ``make_clip(kinds=...)`` and ``bench_duplex.py --train-kinds`` (measured in docs/duplex.md, runs 28-29 and 34-35: no
-#: gain over the default kinds).
-EXTRA_KINDS = ("hum", "sweeps", "clatter")
-#: Background kinds per split. Noise and music: the test split's (pink noise, chords) and the validation split's
-#: (:data:`EXTRA_KINDS`) are never heard in training; speech (one talker) and babble (3-6 talkers) occur in all,
-#: with each split's own voices (and the test split's own words).
+#: Background kinds per split. Noise and music: the test split's (pink noise, chords) are never heard in training;
+#: speech (one talker) and babble (3-6 talkers) occur in both, with each split's own voices and words.
 KINDS = {
-    "train": ("white", "brown", "tones", *SPEECH_KINDS),
-    "validation": (*EXTRA_KINDS, *SPEECH_KINDS),
-    "test": ("pink", "chords", *SPEECH_KINDS),
+    "train": ("white", "brown", "tones", "speech", "babble"),
+    "test": ("pink", "chords", "speech", "babble"),
 }
+SPEECH_KINDS = ("speech", "babble")
+#: Kinds no split uses by default, for ``make_clip(kinds=...)`` and ``bench_duplex.py --train-kinds``: mains hum,
+#: sirens/whistles and clatter. Measured in docs/duplex.md (runs 28-29 and 34-35): no gain over the default kinds.
+EXTRA_KINDS = ("hum", "sweeps", "clatter")
 
 _WORDS = """
 time year people way day man thing woman life child world school state family student group country problem hand
@@ -117,9 +108,8 @@ silver golden quiet happy early late small large quick slow bright dark warm col
 always never often sometimes together again almost already maybe perhaps really very quite rather soon
 walk talk run read write sing swim climb build carry cook drive draw listen learn think watch bring follow travel
 """.split()
-#: Background words per split (alternate words of the list): the test split's sentences use none of train's words;
-#: the validation split's talkers say train's words (in voices training never hears).
-WORDS = {"train": tuple(_WORDS[0::2]), "validation": tuple(_WORDS[0::2]), "test": tuple(_WORDS[1::2])}
+#: Background words per split (alternate words of the list): the test split's sentences use none of train's words.
+WORDS = {"train": tuple(_WORDS[0::2]), "test": tuple(_WORDS[1::2])}
 
 
 # ----- voices ------------------------------------------------------------------------------------------------------
@@ -144,7 +134,7 @@ def split_voices(split: str) -> list[str]:
     missing = sorted(set(VARIANTS[split]) - installed_variants())
     if missing:
         raise RuntimeError(f"this espeak-ng lacks the voice variants {missing} of split {split!r}")
-    variants = list(VARIANTS[split]) + [random_variant_name(i) for i in RANDOM_VARIANTS[split]]
+    variants = list(VARIANTS[split]) + [random_variant_name(i) for i in range(RANDOM_VARIANTS[split])]
     return [f"{accent}+{variant}" for accent in ACCENTS[split] for variant in variants]
 
 
@@ -299,8 +289,8 @@ def _music(rng: np.random.Generator, n: int, chords: bool) -> np.ndarray:
 #: Utterances per split, drawn from fixed pools so that espeak-ng runs once per utterance (cached) and every clip is a
 #: fresh mix: background speech (random sentences of the split's words) and each command / near-miss phrase, each
 #: utterance by a random voice of the split at a random speed and pitch.
-SPEECH_POOL_SIZE = {"train": 600, "validation": 200, "test": 200}
-PHRASE_POOL_SIZE = {"train": 300, "validation": 100, "test": 100}
+SPEECH_POOL_SIZE = {"train": 600, "test": 200}
+PHRASE_POOL_SIZE = {"train": 300, "test": 100}
 
 
 def _pool_utterance(split: str, entry: int, phrase: str | None = None) -> tuple[np.ndarray, str]:
