@@ -20,6 +20,8 @@ speaking rows (batch parallel decoding), at the released sizes or tiny ones, on 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -72,20 +74,26 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _cache_file(cache: str, key: dict, job: tuple) -> str:
-    """The file of one chunk of examples in ``--cache``: named by everything the examples depend on (the clip's
-    split, indices, seed and options, the front end's settings, and the source of the code that makes them), so a
-    changed generator or front end never reads stale examples."""
-    import hashlib
-
+@functools.lru_cache(maxsize=1)
+def _example_code_digest() -> str:
+    """The digest of the source of the code that makes the examples (the clip generator and the front end): read
+    once per process, not once per chunk."""
     import mini_omni2.duplex_mini_omni2 as front_end_code
     import mini_omni2.training.duplex_data as data_code
 
-    split, indices, _, seed, half, clip_options = job
     digest = hashlib.sha256()
     for path in (data_code.__file__, front_end_code.__file__):
         with open(path, "rb") as f:
             digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _cache_file(cache: str, key: dict, job: tuple) -> str:
+    """The file of one chunk of examples in ``--cache``: named by everything the examples depend on (the clip's
+    split, indices, seed and options, the front end's settings, and the source of the code that makes them), so a
+    changed generator or front end never reads stale examples."""
+    split, indices, _, seed, half, clip_options = job
+    digest = hashlib.sha256(_example_code_digest().encode())
     digest.update(json.dumps([key, split, indices, seed, half, clip_options], sort_keys=True, default=str).encode())
     return os.path.join(cache, f"{split}-{indices[0]}-{indices[-1]}-{digest.hexdigest()[:16]}.pkl")
 
