@@ -27,14 +27,29 @@ def processor_no_vision():
     return tiny_processor(vision=False)
 
 
+#: The session's shared models, checked after every test by :func:`_session_models_stay_float32`.
+SESSION_MODELS: list = []
+
+
 @pytest.fixture(scope="session")
 def model():
-    return tiny_model(seed=0)
+    SESSION_MODELS.append(tiny_model(seed=0))
+    return SESSION_MODELS[-1]
 
 
 @pytest.fixture(scope="session")
 def model_no_vision():
-    return tiny_model(vision=False, seed=1)
+    SESSION_MODELS.append(tiny_model(vision=False, seed=1))
+    return SESSION_MODELS[-1]
+
+
+@pytest.fixture(autouse=True)
+def _session_models_stay_float32(request):
+    """Exactness tests compare against the shared models in float32; a test that casts one in place (a pipeline in
+    the auto dtype does, on a CPU with AVX512_BF16) fails here, naming itself, instead of a later test failing."""
+    yield
+    for shared in SESSION_MODELS:
+        assert shared.dtype == torch.float32, f"{request.node.nodeid} left a session model in {shared.dtype}"
 
 
 def sine(seconds: float, sampling_rate: int = 16000, freq: float = 220.0, channels: int = 1) -> np.ndarray:
