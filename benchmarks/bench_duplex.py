@@ -2,6 +2,7 @@
 
     python benchmarks/bench_duplex.py [--json FILE]                 # data, training, evaluation (~30 min, 2-core CPU)
     python benchmarks/bench_duplex.py --model DIR                    # evaluate a saved model instead of training
+    python benchmarks/bench_duplex.py --teachers 4 [--teacher-dir D] # distil 4 models of the recipe into the scored one
     python benchmarks/bench_duplex.py --cost [--cost-size released]  # the listening row's cost per decoding step
 
 The proof (docs/duplex.md): synthetic clips (mini_omni2.training.duplex_data) of the ``train`` split train a tiny model
@@ -35,8 +36,10 @@ from mini_omni2.training.duplex import (  # noqa: E402
     LISTEN_RULE_GRID,
     MAX_FALSE_PER_10MIN,
     add_listen_training_arguments,
+    argument_type,
     clip_kwargs,
     listen_training_kwargs,
+    parse_count,
 )
 
 GOALS = {"detection": 0.95, "median_delay_ms": 500.0, "false_per_10min": MAX_FALSE_PER_10MIN}
@@ -145,26 +148,105 @@ def choose_rule(model, validation, probabilities, args) -> tuple[float, int, lis
     return rule.threshold, rule.min_frames, sweep
 
 
-def proof(args) -> dict:
+def new_model(args, seed: int):
+    """The proof's tiny model (``duplex_tiny_config`` at the sizes of the options), initialised from ``seed``."""
     import torch
 
     from mini_omni2 import MiniOmni2ForConditionalGeneration
-    from mini_omni2.engine_mini_omni2 import ListenRule
-    from mini_omni2.tiny import tiny_processor
-    from mini_omni2.training.duplex import duplex_tiny_config, evaluate_listener, listener_probabilities, train_listener
+    from mini_omni2.training.duplex import duplex_tiny_config
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
+    config = duplex_tiny_config(
+        text={"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
+              "head_dim": args.hidden // 4},
+        adapter_intermediate_size=args.adapter,
+        listen_feature_config={"num_mel_bins": args.mel_bins},
+    )
+    return MiniOmni2ForConditionalGeneration(config)
+
+
+def train_model(args, model, train, seed: int, teachers=()):
+    """The recipe's training (``train_listener``) of ``model`` from ``seed`` (clip order), distilled from
+    ``teachers`` when given."""
+    from mini_omni2.tiny import tiny_processor
+    from mini_omni2.training.duplex import train_listener
+
+    return train_listener(
+        model, tiny_processor(vision=False), train, args.output_dir, max_steps=args.steps,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
+        mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp, teachers=teachers,
+        **listen_training_kwargs(args),
+    )
+
+
+def teacher_seed(seed: int, k: int) -> int:
+    """Teacher ``k`` of ``--seed S`` starts from ``1000 S + k`` (teacher 0 is the plain recipe's model of seed S)."""
+    return 1000 * seed + k
+
+
+def student_seed(seed: int) -> int:
+    """A distilled model of ``--seed S`` starts from ``1000 S + 100``, a start no teacher has."""
+    return 1000 * seed + 100
+
+
+def train_teachers(args, train, test, validation, window) -> tuple[list, list[dict], dict]:
+    """``--teachers K``: K models of the recipe from their own seeds (read back from ``--teacher-dir`` when saved
+    there), each scored like the proof's model, and the average of their P(irq) scored the same way."""
+    import numpy as np
+
+    from mini_omni2 import MiniOmni2ForConditionalGeneration
+    from mini_omni2.training.duplex import listener_probabilities
+
+    teachers, scores, test_p, val_p = [], [], [], []
+    for k in range(args.teachers):
+        folder = os.path.join(args.teacher_dir, f"teacher-{k}") if args.teacher_dir else None
+        start = time.perf_counter()
+        if folder and os.path.exists(os.path.join(folder, "config.json")):
+            model = MiniOmni2ForConditionalGeneration.from_pretrained(folder).eval()
+        else:
+            model = new_model(args, teacher_seed(args.seed, k))
+            train_model(args, model, train, teacher_seed(args.seed, k))
+            if folder:
+                model.save_pretrained(folder)
+        trained_s = time.perf_counter() - start
+        test_p.append(listener_probabilities(model, test, **window))
+        val_p.append(listener_probabilities(model, validation, **window))
+        scores.append({"seed": teacher_seed(args.seed, k), "train_or_load_s": trained_s,
+                       **score(model, test, validation, test_p[-1], val_p[-1], args)})
+        print(f"teacher {k}: " + _row(scores[-1]["metrics"]) + f"  (argmax {_row(scores[-1]['argmax_rule_metrics'])})",
+              flush=True)
+        teachers.append(model)
+    mean = [[np.mean([p[i] for p in ps], axis=0) for i in range(len(ps[0]))] for ps in (test_p, val_p)]
+    ensemble = score(teachers[0], test, validation, mean[0], mean[1], args)
+    print(f"average of the {args.teachers} teachers: " + _row(ensemble["metrics"]), flush=True)
+    return teachers, scores, ensemble
+
+
+def score(model, test, validation, probabilities, val_probabilities, args) -> dict:
+    """The test clips scored at the rule chosen on the validation clips, at the argmax, and over the whole grid."""
+    from mini_omni2.training.duplex import evaluate_listener
+
+    threshold, min_frames, val_sweep = choose_rule(model, validation, val_probabilities, args)
+    sweep = [
+        {k: evaluate_listener(model, test, t, m, probabilities=probabilities)[k]
+         for k in ("threshold", "min_frames", "detection", "median_delay_ms", "false_per_10min", "false_per_10min_all")}
+        for t, m in LISTEN_RULE_GRID
+    ]
+    return {"metrics": evaluate_listener(model, test, threshold, min_frames, probabilities=probabilities),
+            "argmax_rule_metrics": evaluate_listener(model, test, 0.5, 1, probabilities=probabilities),
+            "sweep": sweep, "validation_sweep": val_sweep}
+
+
+def proof(args) -> dict:
+    from mini_omni2 import MiniOmni2ForConditionalGeneration
+    from mini_omni2.engine_mini_omni2 import ListenRule
+    from mini_omni2.training.duplex import listener_probabilities
+
     timings = {}
     if args.model:
         model = MiniOmni2ForConditionalGeneration.from_pretrained(args.model).eval()
     else:
-        config = duplex_tiny_config(
-            text={"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
-                  "head_dim": args.hidden // 4},
-            adapter_intermediate_size=args.adapter,
-            listen_feature_config={"num_mel_bins": args.mel_bins},
-        )
-        model = MiniOmni2ForConditionalGeneration(config)
+        model = new_model(args, student_seed(args.seed) if args.teachers else args.seed)
     if model.config.listen_input != "features":
         raise SystemExit("the proof uses the features input (the codec's random weights carry nothing: docs/duplex.md)")
     front_end = model.listen_front_end()
@@ -179,43 +261,40 @@ def proof(args) -> dict:
     validation = make_examples("train", args.val_clips, front_end, args.seed, start=args.train_clips,
                                workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS, **train_kinds, **cache)
     timings["test_data_s"] = time.perf_counter() - start
+    window = {"window_frames": args.window, "refeed_frames": args.refeed} if args.window else {}
     result: dict = {}
     if not args.model:
         start = time.perf_counter()
         train = make_examples("train", args.train_clips, front_end, args.seed, workers=args.workers, half=True,
                               **train_kinds, **cache)
         timings["train_data_s"] = time.perf_counter() - start
+        teachers = []
+        if args.teachers:
+            start = time.perf_counter()
+            teachers, result["teachers"], result["teachers_average"] = train_teachers(args, train, test, validation,
+                                                                                      window)
+            timings["teachers_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        output = train_listener(
-            model, tiny_processor(vision=False), train, args.output_dir, max_steps=args.steps,
-            batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
-            mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp, **listen_training_kwargs(args),
-        )
+        output = train_model(args, model, train, student_seed(args.seed) if teachers else args.seed, teachers)
         timings["train_s"] = time.perf_counter() - start
         result["train_loss"] = output.training_loss
-    window = {"window_frames": args.window, "refeed_frames": args.refeed} if args.window else {}
+        del teachers
     start = time.perf_counter()
     probabilities = listener_probabilities(model, test, **window)
     timings["eval_s"] = time.perf_counter() - start
     val_probabilities = listener_probabilities(model, validation, **window)
-    threshold, min_frames, val_sweep = choose_rule(model, validation, val_probabilities, args)
+    scored = score(model, test, validation, probabilities, val_probabilities, args)
+    metrics = scored["metrics"]
     if args.save:  # the model keeps the rule it is scored with: sessions and the server use it
-        model.config.listen_rule = ListenRule(threshold, min_frames).as_config()
+        model.config.listen_rule = ListenRule(metrics["threshold"], metrics["min_frames"]).as_config()
         model.save_pretrained(args.save)
-    metrics = evaluate_listener(model, test, threshold, min_frames, probabilities=probabilities)
-    fixed = evaluate_listener(model, test, 0.5, 1, probabilities=probabilities)
-    sweep = [
-        {k: evaluate_listener(model, test, t, m, probabilities=probabilities)[k]
-         for k in ("threshold", "min_frames", "detection", "median_delay_ms", "false_per_10min", "false_per_10min_all")}
-        for t, m in LISTEN_RULE_GRID
-    ]
     met = {
         "detection": (metrics["detection"] or 0) >= GOALS["detection"],
         "median_delay_ms": metrics["median_delay_ms"] is not None and metrics["median_delay_ms"] <= GOALS["median_delay_ms"],
         "false_per_10min": metrics["false_per_10min"] is not None and metrics["false_per_10min"] <= GOALS["false_per_10min"],
     }
     result.update(
-        metrics=metrics, argmax_rule_metrics=fixed, sweep=sweep, validation_sweep=val_sweep, goals=GOALS, goals_met=met, timings=timings,
+        **scored, goals=GOALS, goals_met=met, timings=timings,
         model={"parameters": sum(p.numel() for p in model.parameters()),
                "language_model_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
                "listen_projector_parameters": sum(p.numel() for p in model.model.listen_projector.parameters()),
@@ -358,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-width", type=int, default=8, help="widest masked band, in mel bins")
     parser.add_argument("--warp", type=float, default=0.0, help="stretch each training row's mel axis by 1 +- warp")
     add_listen_training_arguments(parser)
+    parser.add_argument("--teachers", type=argument_type(parse_count), default=0,
+                        help="train this many models of the recipe first and distil their average into the scored one")
+    parser.add_argument("--teacher-dir", help="save the teachers here and read them back in later runs")
     parser.add_argument("--val-clips", type=int, default=1000, help="unseen train-split clips to choose the rule on")
     parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")

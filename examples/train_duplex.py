@@ -15,6 +15,9 @@ and the model's own listening front end; every row is a listening row whose labe
 decision rule (P(irq) >= threshold on N consecutive frames) is chosen on ``--val-clips`` unseen clips of the train
 split and kept as the model's ``config.listen_rule``, which ``DuplexSession`` and ``mini-omni2 serve --duplex`` use.
 The trained model and processor are saved to ``--output-dir`` with ``train_summary.json``.
+
+Distil trained listening models into one row (docs/duplex.md): ``--teacher runs/a --teacher runs/b`` trains toward
+each frame's label mixed with the teachers' mean P(irq) (``--distillation-weight``, its share).
 """
 
 from __future__ import annotations
@@ -29,15 +32,8 @@ logger = logging.getLogger("mini_omni2.train_duplex")
 TINY = "tiny-random"
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from mini_omni2.training.duplex import add_listen_training_arguments
+    from mini_omni2.training.duplex import add_listen_training_arguments, argument_type, parse_count
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY, help=f"a saved Mini-Omni2 folder, or {TINY!r} (tiny, random, offline)")
@@ -45,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what the listening row hears (default: the model's config; features for tiny-random)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--train-clips", type=int, default=2000, help="synthetic clips of the train split")
-    parser.add_argument("--val-clips", type=non_negative_int, default=300,
+    parser.add_argument("--val-clips", type=argument_type(parse_count), default=300,
                         help="unseen clips of the train split to choose the decision rule on (0: keep the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-file", help="also train on these examples (JSON lines, docs/training.md): the stage-3 mix")
@@ -56,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="2e-3 for the tiny model; ~2e-4 for 0.5 B")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--logging-steps", type=int, default=50)
+    parser.add_argument("--teacher", action="append", default=[], metavar="DIR",
+                        help="a trained listening model to distil (repeat for several: their mean P(irq) is the "
+                             "soft target, --distillation-weight its share)")
     add_listen_training_arguments(parser)  # --tail-seconds, --weight-averaging, --train-kinds, ...
     return parser
 
@@ -127,21 +126,24 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
+    from mini_omni2 import MiniOmni2ForConditionalGeneration
     from mini_omni2.training.duplex import listen_training_kwargs, train_listener
 
     torch.manual_seed(args.seed)
     model, processor = load_model_and_processor(args)
     dataset = build_dataset(args, model, processor)
+    teachers = [MiniOmni2ForConditionalGeneration.from_pretrained(folder) for folder in args.teacher]
     result = train_listener(
         model, processor, dataset, args.output_dir, max_steps=args.max_steps,
         batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps, **listen_training_kwargs(args),
+        warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps, teachers=teachers,
+        **listen_training_kwargs(args),
     )
     chosen = choose_rule(args, model) if args.val_clips else {"listen_rule": model.config.listen_rule}
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     summary = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(dataset),
-               "listen_input": model.config.listen_input, **chosen}
+               "listen_input": model.config.listen_input, "teachers": args.teacher, **chosen}
     with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     logger.info("saved to %s: %s", args.output_dir, json.dumps(summary))

@@ -2,6 +2,7 @@
 model's listening adapter, the step-by-step listener, the synthetic data, and a small trained model that detects."""
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -131,6 +132,100 @@ def test_collator_builds_listening_rows_beside_other_rows(features_model, proces
     assert batch["attention_mask"][0].sum() == 5 and batch["attention_mask"][1].sum() == 7
     out = features_model(**batch)  # the model takes the mixed batch
     assert out.stream_losses[7] > 0 and torch.isfinite(out.loss)
+
+
+def _mixed_listening_batch(model, processor):
+    """Two listening rows and one text row (the stage-3 mix), collated."""
+    from mini_omni2.training.data import synthetic_examples
+
+    dim = model.config.listen_feature_dim
+    rng = np.random.default_rng(1)
+    listen = [
+        {"task": LISTEN_TASK, "listen_features": rng.standard_normal((n, dim)).astype(np.float32), "frame_labels": labels}
+        for n, labels in ((4, [0, 0, 1, 1]), (5, [0, 0, 0, 0, 0]))
+    ]
+    return MiniOmni2DataCollator(processor)(listen + synthetic_examples(processor, 1, tasks=("T1T2",)))
+
+
+def test_distillation_replaces_each_state_label_by_the_teachers_probability(features_model, processor_no_vision):
+    """Each state label's target becomes (1 - w) * the label + w * the teachers' P(irq); other labels are untouched.
+    Cross-entropy is linear in its target, so the loss equals the model's loss with the labels mixed that way."""
+    import torch.nn.functional as F
+
+    from mini_omni2.training.duplex import listen_distillation_loss
+
+    layout = features_model.config.token_layout
+    batch = _mixed_listening_batch(features_model, processor_no_vision)
+    out = features_model(**batch)
+    text = batch["labels"][:, 7, 1:]  # the label that the logits at each position predict
+    states = (text == layout.irq) | (text == layout.n_irq)
+    assert states[:2].sum() == 4 + 5 and not states[2].any()  # the listening rows' frames, not the text row
+    said = torch.zeros(batch["labels"].shape[0], batch["labels"].shape[2])
+    said[:, :-1] = (text == layout.irq).float()  # teachers that say exactly the labels
+    for weight in (0.0, 0.5, 1.0):
+        assert torch.allclose(listen_distillation_loss(out, batch["labels"], said, layout, weight), out.loss)
+    teacher = torch.full_like(said, 0.25)
+    logits = out.text_logits[:, :-1].float()
+    target = torch.zeros_like(logits)  # the text stream's targets, as distributions over the text vocabulary
+    known = text != IGNORE_INDEX
+    target[known] = F.one_hot(text[known], logits.shape[-1]).float()
+    mixed = target.clone()
+    mixed[states] *= 0.4
+    mixed[states, layout.irq] += 0.6 * 0.25
+    mixed[states, layout.n_irq] += 0.6 * 0.75
+    text_stream = -(mixed * logits.log_softmax(-1)).sum(-1)[known].mean()
+    expected = out.stream_losses[:7].sum() + text_stream
+    assert torch.allclose(listen_distillation_loss(out, batch["labels"], teacher, layout, 0.6), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\], got 1.5"):
+        listen_distillation_loss(out, batch["labels"], teacher, layout, 1.5)
+
+
+class _SaysIrq(torch.nn.Module):
+    """A teacher whose P(irq) is ``p`` at every position (and one parameter, to check that it stays frozen)."""
+
+    def __init__(self, config, p: float):
+        super().__init__()
+        self.config = config
+        self.logit = torch.nn.Parameter(torch.tensor(math.log(p / (1 - p))))
+
+    def forward(self, input_ids, **kwargs):
+        layout = self.config.token_layout
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[2], layout.text_vocab_size)
+        logits[..., layout.irq] = self.logit
+        return types.SimpleNamespace(text_logits=logits)
+
+
+def test_a_row_distilled_from_teachers_learns_their_mean_probability(features_model, processor_no_vision, tmp_path):
+    """train_listener(teachers=...) at weight 1 fits the row to the teachers' mean P(irq), not to the labels; the
+    teachers are left frozen and unchanged."""
+    import copy
+
+    from mini_omni2.training.duplex import listen_state_targets, train_listener
+
+    teachers = [_SaysIrq(features_model.config, p) for p in (0.8, 0.5)]
+    before = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
+    batch = _mixed_listening_batch(features_model, processor_no_vision)
+    mean = torch.tensor(0.65)
+    assert torch.allclose(listen_state_targets(teachers, batch), mean.expand(batch["labels"].shape[::2]))
+    dim = features_model.config.listen_feature_dim
+    rng = np.random.default_rng(2)
+    examples = [{"task": LISTEN_TASK, "listen_features": rng.standard_normal((6, dim)).astype(np.float32),
+                 "frame_labels": [0, 0, 0, 1, 1, 1]} for _ in range(8)]
+    student = copy.deepcopy(features_model)
+    train_listener(student, processor_no_vision, examples, str(tmp_path), max_steps=60, batch_size=8,
+                   learning_rate=1e-2, warmup_steps=0, logging_steps=1000, weight_averaging=0.0,
+                   teachers=teachers, distillation_weight=1.0)
+    probabilities = MiniOmni2Listener(student).run(torch.as_tensor(np.stack([e["listen_features"] for e in examples])))
+    assert torch.allclose(probabilities, mean.expand_as(probabilities), atol=0.05), probabilities
+    for teacher, state in zip(teachers, before):
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        assert all(torch.equal(state[k], v) for k, v in teacher.state_dict().items())
+    with pytest.raises(ValueError, match="distillation weight must be in \\[0, 1\\], got -0.1"):
+        train_listener(student, processor_no_vision, examples, str(tmp_path), max_steps=1, teachers=teachers,
+                       distillation_weight=-0.1)
+    released = _SaysIrq(types.SimpleNamespace(token_layout=R), 0.5)  # the released sizes' ids
+    with pytest.raises(ValueError, match="teacher 1 has the token layout .* distil models of the same sizes"):
+        train_listener(student, processor_no_vision, examples, str(tmp_path), max_steps=1, teachers=[teachers[0], released])
 
 
 def test_collator_keeps_listen_tail_frames_after_the_first_irq(features_model, processor_no_vision):
@@ -576,10 +671,31 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
     for argv, message in [(["--train-kinds", "white,rain"], "--train-kinds: kinds must be background kinds of"),
                           (["--mixture-fraction", "1.5"], "--mixture-fraction: mixture_fraction must be in [0, 1], got 1.5"),
                           (["--tail-seconds", "-1"], "--tail-seconds: tail seconds must be > 0, or 0 for the whole tail"),
-                          (["--weight-averaging", "1"], "--weight-averaging: decay must be in [0, 1), got 1.0")]:
+                          (["--weight-averaging", "1"], "--weight-averaging: decay must be in [0, 1), got 1.0"),
+                          (["--distillation-weight", "2"],
+                           "--distillation-weight: the distillation weight must be in [0, 1], got 2"),
+                          (["--teachers", "-1"], "--teachers: must be >= 0, got -1")]:
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_the_proof_benchmark_distils_its_teachers_and_reads_them_back(tmp_path, capsys):
+    """``bench_duplex.py --teachers K --teacher-dir DIR``: K models of the recipe from their own seeds, each scored and
+    saved, their average scored, then the scored model trained from another seed against them; a second run reads
+    the saved teachers back (the same teachers: the same scores)."""
+    bench = _bench_duplex()
+    argv = ["--train-clips", "8", "--val-clips", "8", "--test-clips", "8", "--steps", "2", "--batch-size", "4",
+            "--hidden", "32", "--layers", "1", "--adapter", "32", "--teachers", "2", "--seed", "1",
+            "--teacher-dir", str(tmp_path / "teachers"), "--output-dir", str(tmp_path / "out")]
+    first = bench.main(argv)["proof"]
+    assert [t["seed"] for t in first["teachers"]] == [1000, 1001] and bench.student_seed(1) == 1100
+    assert sorted(p.name for p in (tmp_path / "teachers").iterdir()) == ["teacher-0", "teacher-1"]
+    assert {"metrics", "argmax_rule_metrics", "sweep"} <= set(first["teachers_average"]) <= set(first)
+    assert "average of the 2 teachers" in capsys.readouterr().out
+    second = bench.main(argv)["proof"]
+    assert [t["metrics"] for t in second["teachers"]] == [t["metrics"] for t in first["teachers"]]
+    assert second["settings"]["teachers"] == 2 and second["goals_met"].keys() == first["goals_met"].keys()
 
 
 def test_the_proof_benchmark_cache_gives_the_examples_made_anew(features_model, tmp_path):
@@ -717,12 +833,14 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
                                              "--train-kinds", "hum,speech", "--mixture-fraction", "0.5"])
     from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
 
-    assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999}
+    assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999, "distillation_weight": 0.5}
     assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5}
     summary = script.main(["--output-dir", str(tmp_path / "kinds"), "--train-clips", "4", "--max-steps", "1",
                            "--per-device-train-batch-size", "4", "--warmup-steps", "0",
-                           "--train-kinds", "hum,white", "--mixture-fraction", "1", "--val-clips", "0"])
+                           "--train-kinds", "hum,white", "--mixture-fraction", "1", "--val-clips", "0",
+                           "--teacher", str(out), "--distillation-weight", "0.7"])  # distilled from the first model
     assert summary["steps"] == 1 and summary["examples"] == 4 and summary["listen_rule"] is None  # kept the model's
+    assert summary["teachers"] == [str(out)]
 
 
 class _Line(torch.nn.Module):

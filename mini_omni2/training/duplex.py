@@ -22,6 +22,7 @@ import torch
 from .duplex_data import listen_inputs
 from ..engine_mini_omni2 import ListenRule
 from ..tiny import TINY_TEXT
+from ..modeling_mini_omni2 import IGNORE_INDEX
 from ..token_layout import LISTEN_FEATURES
 
 #: How late after the end of "stop omni" an ``irq`` still counts as hearing it (seconds): the evaluation's detection
@@ -128,6 +129,54 @@ def _stretch_mels(columns: torch.Tensor, factor: float) -> torch.Tensor:
     return columns[..., low] * (1 - weight) + columns[..., high] * weight
 
 
+#: The share of the teachers' states in a distilled listening row's targets (:func:`listen_distillation_loss`): each
+#: labelled frame's target is ``(1 - w) * its label + w * the teachers' mean P(irq)`` (docs/duplex.md).
+LISTEN_DISTILLATION_WEIGHT = 0.5
+
+
+def listen_state_targets(teachers: Sequence[Any], inputs: dict) -> torch.Tensor:
+    """The teachers' mean P(irq | irq or n_irq) at every position of a batch (batch, seq): each teacher reads the
+    same rows the student does (the batch without its labels), with no gradient."""
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        probabilities = [teacher(**inputs).text_logits for teacher in teachers]
+        layout = teachers[0].config.token_layout
+        return torch.stack([layout.listen_irq_probability(logits) for logits in probabilities]).mean(0)
+
+
+def listen_distillation_loss(outputs, labels: torch.Tensor, teacher_irq: torch.Tensor, layout,
+                             weight: float = LISTEN_DISTILLATION_WEIGHT) -> torch.Tensor:
+    """The model's loss (SPEC §9) with each listening state label replaced by a soft target: ``(1 - weight)`` on the
+    label and ``weight`` spread over ``irq``/``n_irq`` as the teachers' ``teacher_irq`` (batch, seq: their P(irq) read
+    at the position that predicts the label). Cross-entropy is linear in its target, so this is the model's loss plus
+    ``weight`` times (soft minus hard cross-entropy) over those labels, divided by the text stream's label count as
+    the text stream's mean is. Other labels (other rows of a stage-3 mix, audio streams) are untouched."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the distillation weight must be in [0, 1], got {weight!r}")
+    text = labels[:, layout.num_audio_layers, 1:].to(outputs.text_logits.device)  # shifted as in the model's loss
+    states = (text == layout.irq) | (text == layout.n_irq)
+    log_probabilities = outputs.text_logits[:, :-1].float().log_softmax(-1)
+    hard = -log_probabilities.gather(-1, torch.where(states, text, 0).unsqueeze(-1)).squeeze(-1)
+    irq = teacher_irq[:, :-1].to(log_probabilities)
+    soft = -(irq * log_probabilities[..., layout.irq] + (1 - irq) * log_probabilities[..., layout.n_irq])
+    count = (text != IGNORE_INDEX).sum().clamp(min=1)
+    return outputs.loss + weight * ((soft - hard) * states).sum() / count
+
+
+def _distillation_trainer(teachers: Sequence[Any], weight: float):
+    """A ``Trainer`` whose loss is :func:`listen_distillation_loss` against ``teachers``."""
+    from transformers import Trainer
+
+    class ListenDistillationTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)
+            targets = listen_state_targets(teachers, inputs)
+            loss = listen_distillation_loss(outputs, inputs["labels"], targets, model.config.token_layout, weight)
+            return (loss, outputs) if return_outputs else loss
+
+    return ListenDistillationTrainer
+
+
 def train_listener(
     model,
     processor,
@@ -144,6 +193,8 @@ def train_listener(
     warp: float = 0.0,
     tail_seconds: float | None = DETECTION_WINDOW_SECONDS,
     weight_averaging: float = LISTEN_WEIGHT_AVERAGING_DECAY,
+    teachers: Sequence[Any] = (),
+    distillation_weight: float = LISTEN_DISTILLATION_WEIGHT,
     **overrides,
 ):
     """Train ``model`` (stage 3: language model, head and adapters) on ``train_examples`` with ``Trainer``.
@@ -157,6 +208,8 @@ def train_listener(
     to remember the command, and in the proof they cost it detections and false interrupts (docs/duplex.md). Returns
     the ``TrainOutput``; the model is left in eval mode. ``weight_averaging``: the decay of the moving average of the
     weights that the model ends with (:class:`~.callbacks.WeightAveragingCallback`; 0: the last weights).
+    ``teachers``: trained listening models of the same token layout to distil (:func:`listen_distillation_loss`, with
+    ``distillation_weight``): one row learns what their average hears.
     """
     from transformers import Trainer
 
@@ -188,31 +241,51 @@ def train_listener(
     if mask_bands or warp:
         bins = model.config.listen_feature_config["num_mel_bins"]
         collator = FeatureBandMasking(collator, bins, mask_bands, mask_width, seed=seed, warp=warp)
+    trainer_class = Trainer
+    if teachers:
+        parse_distillation_weight(str(distillation_weight))
+        for k, teacher in enumerate(teachers):
+            if teacher.config.token_layout != model.config.token_layout:
+                raise ValueError(f"teacher {k} has the token layout {teacher.config.token_layout}, the model "
+                                 f"{model.config.token_layout}: distil models of the same sizes")
+            teacher.eval().requires_grad_(False).to(model.device)
+        trainer_class = _distillation_trainer(teachers, distillation_weight)
     model.train()
-    trainer = Trainer(model=model, args=args, train_dataset=train_examples, data_collator=collator, callbacks=callbacks)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_examples, data_collator=collator, callbacks=callbacks)
     result = trainer.train()
     model.eval()
     return result
 
 
 # ----- the command-line options of the scripts that train a listening row (examples/, benchmarks/) -----------------
-def add_listen_training_arguments(parser) -> None:
-    """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
-    ``--weight-averaging``, ``--train-kinds`` and ``--mixture-fraction``. Their values are checked while parsing, so
-    a bad one is refused before any clip is made; :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them
-    into keywords."""
+def argument_type(check):
+    """An ``argparse`` type from a parser that raises ``ValueError``: argparse then names the option in its error."""
     import argparse
 
-    def checked(check):
-        def parse(text: str):
-            try:
-                return check(text)
-            except ValueError as error:
-                raise argparse.ArgumentTypeError(str(error)) from None
+    def parse(text: str):
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-        parse.__name__ = check.__name__
-        return parse
+    parse.__name__ = check.__name__
+    return parse
 
+
+def parse_count(text: str) -> int:
+    """A count option (clips, teachers): an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_listen_training_arguments(parser) -> None:
+    """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
+    ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction`` and ``--distillation-weight``. Their values are checked while parsing, so
+    a bad one is refused before any clip is made; :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them
+    into keywords."""
+    checked = argument_type
     parser.add_argument("--tail-seconds", type=checked(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
                         help="train on each row up to this long after its first irq label (default: the detection "
                              "window, 2 s; 0: the whole tail)")
@@ -223,6 +296,9 @@ def add_listen_training_arguments(parser) -> None:
                              "train split's; EXTRA_KINDS adds hum, sweeps, clatter)")
     parser.add_argument("--mixture-fraction", type=checked(parse_mixture_fraction), default=0.0,
                         help="fraction of those clips whose background mixes two kinds")
+    parser.add_argument("--distillation-weight", type=checked(parse_distillation_weight),
+                        default=LISTEN_DISTILLATION_WEIGHT,
+                        help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
 
 
 def parse_tail_seconds(text: str) -> float | None:
@@ -231,6 +307,14 @@ def parse_tail_seconds(text: str) -> float | None:
     if not seconds >= 0:
         raise ValueError(f"tail seconds must be > 0, or 0 for the whole tail, got {text}")
     return seconds or None
+
+
+def parse_distillation_weight(text: str) -> float:
+    """``--distillation-weight``: the teachers' share of each state's target, in [0, 1]."""
+    weight = float(text)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the distillation weight must be in [0, 1], got {text}")
+    return weight
 
 
 def parse_decay(text: str) -> float:
@@ -258,7 +342,8 @@ def parse_mixture_fraction(text: str) -> float:
 
 def listen_training_kwargs(args) -> dict[str, Any]:
     """The keywords of :func:`train_listener` that :func:`add_listen_training_arguments` parsed."""
-    return {"tail_seconds": args.tail_seconds, "weight_averaging": args.weight_averaging}
+    return {"tail_seconds": args.tail_seconds, "weight_averaging": args.weight_averaging,
+            "distillation_weight": args.distillation_weight}
 
 
 def clip_kwargs(args) -> dict[str, Any]:
@@ -428,6 +513,9 @@ __all__ = [
     "evaluation_examples",
     "DUPLEX_TINY_TEXT",
     "LISTEN_WEIGHT_AVERAGING_DECAY",
+    "LISTEN_DISTILLATION_WEIGHT",
+    "listen_state_targets",
+    "listen_distillation_loss",
     "duplex_tiny_config",
     "prepare_listen_examples",
     "train_listener",
