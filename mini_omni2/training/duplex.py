@@ -21,8 +21,8 @@ import torch
 
 from .duplex_data import listen_inputs
 from ..engine_mini_omni2 import ListenRule
-from ..tiny import TINY_TEXT
 from ..modeling_mini_omni2 import IGNORE_INDEX
+from ..tiny import TINY_TEXT
 from ..token_layout import LISTEN_FEATURES
 
 #: How late after the end of "stop omni" an ``irq`` still counts as hearing it (seconds): the evaluation's detection
@@ -134,6 +134,13 @@ def _stretch_mels(columns: torch.Tensor, factor: float) -> torch.Tensor:
 LISTEN_DISTILLATION_WEIGHT = 0.5
 
 
+def check_distillation_weight(weight: float) -> float:
+    """The teachers' share of each state's target must be in [0, 1]; returns it."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"the distillation weight must be in [0, 1], got {weight:g}")
+    return weight
+
+
 def listen_state_targets(teachers: Sequence[Any], inputs: dict) -> torch.Tensor:
     """The teachers' mean P(irq | irq or n_irq) at every position of a batch (batch, seq): each teacher reads the
     same rows the student does (the batch without its labels), with no gradient."""
@@ -151,8 +158,7 @@ def listen_distillation_loss(outputs, labels: torch.Tensor, teacher_irq: torch.T
     at the position that predicts the label). Cross-entropy is linear in its target, so this is the model's loss plus
     ``weight`` times (soft minus hard cross-entropy) over those labels, divided by the text stream's label count as
     the text stream's mean is. Other labels (other rows of a stage-3 mix, audio streams) are untouched."""
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"the distillation weight must be in [0, 1], got {weight!r}")
+    check_distillation_weight(weight)
     text = labels[:, layout.num_audio_layers, 1:].to(outputs.text_logits.device)  # shifted as in the model's loss
     states = (text == layout.irq) | (text == layout.n_irq)
     log_probabilities = outputs.text_logits[:, :-1].float().log_softmax(-1)
@@ -243,12 +249,12 @@ def train_listener(
         collator = FeatureBandMasking(collator, bins, mask_bands, mask_width, seed=seed, warp=warp)
     trainer_class = Trainer
     if teachers:
-        parse_distillation_weight(str(distillation_weight))
+        check_distillation_weight(distillation_weight)
         for k, teacher in enumerate(teachers):
             if teacher.config.token_layout != model.config.token_layout:
                 raise ValueError(f"teacher {k} has the token layout {teacher.config.token_layout}, the model "
                                  f"{model.config.token_layout}: distil models of the same sizes")
-            teacher.eval().requires_grad_(False).to(model.device)
+            teacher.eval().requires_grad_(False).to(args.device)  # where Trainer puts the model
         trainer_class = _distillation_trainer(teachers, distillation_weight)
     model.train()
     trainer = trainer_class(model=model, args=args, train_dataset=train_examples, data_collator=collator, callbacks=callbacks)
@@ -282,21 +288,20 @@ def parse_count(text: str) -> int:
 
 def add_listen_training_arguments(parser) -> None:
     """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
-    ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction`` and ``--distillation-weight``. Their values are checked while parsing, so
-    a bad one is refused before any clip is made; :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them
-    into keywords."""
-    checked = argument_type
-    parser.add_argument("--tail-seconds", type=checked(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
+    ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction`` and ``--distillation-weight``. Their values are
+    checked while parsing (:func:`argument_type`), so a bad one is refused before any clip is made;
+    :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them into keywords."""
+    parser.add_argument("--tail-seconds", type=argument_type(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
                         help="train on each row up to this long after its first irq label (default: the detection "
                              "window, 2 s; 0: the whole tail)")
-    parser.add_argument("--weight-averaging", type=checked(parse_decay), default=LISTEN_WEIGHT_AVERAGING_DECAY,
+    parser.add_argument("--weight-averaging", type=argument_type(parse_decay), default=LISTEN_WEIGHT_AVERAGING_DECAY,
                         help="decay of the moving average of the weights the model ends with (0: the last weights)")
-    parser.add_argument("--train-kinds", type=checked(parse_kinds),
+    parser.add_argument("--train-kinds", type=argument_type(parse_kinds),
                         help="background kinds of the training (and validation) clips, comma-separated (default: the "
                              "train split's; EXTRA_KINDS adds hum, sweeps, clatter)")
-    parser.add_argument("--mixture-fraction", type=checked(parse_mixture_fraction), default=0.0,
+    parser.add_argument("--mixture-fraction", type=argument_type(parse_mixture_fraction), default=0.0,
                         help="fraction of those clips whose background mixes two kinds")
-    parser.add_argument("--distillation-weight", type=checked(parse_distillation_weight),
+    parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
 
@@ -310,11 +315,8 @@ def parse_tail_seconds(text: str) -> float | None:
 
 
 def parse_distillation_weight(text: str) -> float:
-    """``--distillation-weight``: the teachers' share of each state's target, in [0, 1]."""
-    weight = float(text)
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"the distillation weight must be in [0, 1], got {text}")
-    return weight
+    """``--distillation-weight``: the teachers' share of each state's target (:func:`check_distillation_weight`)."""
+    return check_distillation_weight(float(text))
 
 
 def parse_decay(text: str) -> float:
@@ -514,6 +516,7 @@ __all__ = [
     "DUPLEX_TINY_TEXT",
     "LISTEN_WEIGHT_AVERAGING_DECAY",
     "LISTEN_DISTILLATION_WEIGHT",
+    "check_distillation_weight",
     "listen_state_targets",
     "listen_distillation_loss",
     "duplex_tiny_config",
