@@ -551,6 +551,34 @@ def test_random_voice_variants_are_fixed_distinct_and_spoken_by_espeak():
     assert last.size > 0 and not np.array_equal(last[:1000], speak("stop", "en-us+mo2rnd1")[:1000])
 
 
+def test_flite_voices_speak_at_their_pitch_and_enter_the_pools_only_when_asked(monkeypatch):
+    from mini_omni2.training import duplex_data
+    from mini_omni2.training.duplex_data import FLITE_FRACTION, FLITE_PREFIX, FLITE_VOICES, _pool_utterance, speak
+
+    # the recipe draws no flite voice: its pools (and so its clips) are espeak-ng's
+    assert FLITE_FRACTION == {"train": 0.0, "test": 0.0}
+    assert not any(_pool_utterance("train", i)[1].startswith(FLITE_PREFIX) for i in range(30))
+    # a flite voice speaks, trimmed, at 16 kHz; the pitch draw moves its F0 by +- half an octave (yin's median F0)
+    import librosa
+
+    low, high = speak("stop omni", "flite:slt", 175, 20), speak("stop omni", "flite:slt", 175, 80)
+    assert low.dtype == np.float32 and 0.4 < low.size / 16000 < 2.0
+    f0 = [float(np.median(librosa.yin(x, fmin=60, fmax=500, sr=16000))) for x in (low, high)]
+    assert 1.5 < f0[1] / f0[0] < 2.5
+    assert speak("stop omni", "flite:slt", 130).size > speak("stop omni", "flite:slt", 220).size  # speed: a stretch
+    # asked for, a fraction of the train split's pool utterances are said by flite's voices, drawn deterministically
+    monkeypatch.setitem(FLITE_FRACTION, "train", 0.5)
+    voices = [_pool_utterance("train", i)[1] for i in range(24)]
+    flite = [v for v in voices if v.startswith(FLITE_PREFIX)]
+    assert 4 <= len(flite) <= 20 and {v[len(FLITE_PREFIX):] for v in flite} <= set(FLITE_VOICES)
+    assert voices == [_pool_utterance("train", i)[1] for i in range(24)]
+    with pytest.raises(ValueError, match="unknown flite voice 'bob'"):
+        speak("stop", "flite:bob")
+    monkeypatch.setattr(duplex_data.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install flite"):
+        speak("omni", "flite:awb")
+
+
 def test_extra_backgrounds_hum_sweeps_clatter_and_mixtures_of_two_kinds():
     from mini_omni2.training.duplex_data import EXTRA_KINDS, KINDS, background, make_clip
 

@@ -1,11 +1,11 @@
 """Synthetic data for duplex interruption (Mini-Omni2 §4.3; docs/duplex.md): "stop omni" spoken over backgrounds.
 
-A clip is a background (speech of espeak-ng voices at random speeds and pitches saying random sentences, or
-noise/music-like signals: white, pink, brown noise, tones, chords, babble; on request hum, sweeps, clatter, and
-mixtures of two kinds), into which a spoken "stop omni" in a random voice is mixed at a random level, followed by a
-0-10 s tail of background. Its listening frames are labelled ``n_irq`` before the tail and ``irq`` from the frame in
-which the command ends (:func:`frame_labels`). Negatives have no command, or a near miss ("stop", "omni", "stop on
-me", "top omni") in its place.
+A clip is a background (speech of espeak-ng voices, and on request flite's, at random speeds and pitches saying random
+sentences, or noise/music-like signals: white, pink, brown noise, tones, chords, babble; on request hum, sweeps,
+clatter, and mixtures of two kinds), into which a spoken "stop omni" in a random voice is mixed at a random level,
+followed by a 0-10 s tail of background. Its listening frames are labelled ``n_irq`` before the tail and ``irq`` from
+the frame in which the command ends (:func:`frame_labels`). Negatives have no command, or a near miss ("stop", "omni",
+"stop on me", "top omni") in its place.
 
 Clips are made at 16 kHz (a microphone's rate); the model hears them through the listening front end
 (:class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`), which resamples them exactly as it does a live
@@ -64,6 +64,15 @@ VARIANTS = {
 #: pitch, voice quality). The test split has none: its voices are all hand-made variants training never hears.
 RANDOM_VARIANTS = {"train": 150, "test": 0}
 RANDOM_VARIANT_PREFIX = "mo2rnd"
+#: Voices of a second synthesiser, flite (``apt-get install flite``): diphone (kal, kal16) and clustergen (awb, rms,
+#: slt) voices built from recordings of real speakers, a timbre espeak-ng's formant synthesis never has. The value is
+#: each voice's median F0 in Hz (librosa's pyin over a sentence at flite's defaults), so that a pool's pitch draw moves
+#: a flite voice around its own pitch (rms ignores pitch settings). Flite voices are named ``"flite:NAME"``.
+FLITE_VOICES = {"kal": 91.0, "kal16": 94.0, "awb": 121.0, "rms": 100.0, "slt": 172.0}
+FLITE_PREFIX = "flite:"
+#: Fraction of a split's pool utterances (background sentences and phrases) said by a flite voice rather than an
+#: espeak-ng one. 0 (the recipe) draws nothing, so the clips are those every measurement scored.
+FLITE_FRACTION = {"train": 0.0, "test": 0.0}
 
 
 def random_variant_name(index: int) -> str:
@@ -215,22 +224,55 @@ def _random_variant_path(shard: int) -> str:
     return root
 
 
+def _flite() -> str:
+    exe = shutil.which("flite")
+    if exe is None:
+        raise RuntimeError("flite is not installed (apt-get install flite); FLITE_FRACTION > 0 needs it")
+    return exe
+
+
+def _flite_wav(text: str, name: str, speed: int, pitch: int) -> bytes:
+    """The WAV bytes of flite voice ``name`` saying ``text``: espeak-ng's ``speed`` (words/min, 175 its default) as a
+    duration stretch and its ``pitch`` (0-99, 50 the voice's own F0) as an octave per 60 steps (the pools' 20-80:
+    +- half an octave)."""
+    if name not in FLITE_VOICES:
+        raise ValueError(f"unknown flite voice {name!r}; expected one of {sorted(FLITE_VOICES)}")
+    f0 = FLITE_VOICES[name] * 2 ** ((pitch - 50) / 60)
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "speech.wav")
+        subprocess.run(
+            [_flite(), "-voice", name, "--setf", f"duration_stretch={175 / speed:.4f}",
+             "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", out],
+            check=True, capture_output=True,
+        )
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def _espeak_wav(text: str, voice: str, speed: int, pitch: int) -> bytes:
+    index = random_variant_index(voice)
+    path = [] if index is None else ["--path", _random_variant_path(index // RANDOM_VARIANTS_PER_PATH)]
+    return subprocess.run(
+        [_espeak(), *path, "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
+        check=True,
+        capture_output=True,
+    ).stdout
+
+
 @lru_cache(maxsize=4096)
 def speak(text: str, voice: str, speed: int = 175, pitch: int = 50) -> np.ndarray:
-    """``text`` said by espeak-ng ``voice`` at ``speed`` (words/min) and ``pitch`` (0-99), trimmed, at 16 kHz.
+    """``text`` said by ``voice`` at ``speed`` (words/min) and ``pitch`` (0-99), trimmed, at 16 kHz: an espeak-ng
+    voice, or a flite one named ``"flite:NAME"`` (:data:`FLITE_VOICES`).
 
     Cached (the same arguments give the same, read-only array)."""
     import soundfile
     import soxr
 
-    index = random_variant_index(voice)
-    path = [] if index is None else ["--path", _random_variant_path(index // RANDOM_VARIANTS_PER_PATH)]
-    result = subprocess.run(
-        [_espeak(), *path, "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
-        check=True,
-        capture_output=True,
-    )
-    data, rate = soundfile.read(io.BytesIO(result.stdout), dtype="float32")
+    if voice.startswith(FLITE_PREFIX):
+        wav = _flite_wav(text, voice[len(FLITE_PREFIX):], int(speed), int(pitch))
+    else:
+        wav = _espeak_wav(text, voice, int(speed), int(pitch))
+    data, rate = soundfile.read(io.BytesIO(wav), dtype="float32")
     audio = np.asarray(soxr.resample(data, rate, CLIP_SAMPLING_RATE), dtype=np.float32)
     start, end = _speech_bounds(audio)
     audio = audio[start:end].copy()
@@ -298,6 +340,8 @@ def _pool_utterance(split: str, entry: int, phrase: str | None = None) -> tuple[
     rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{phrase or ''}".encode()), entry])
     voices = split_voices(split)
     text = phrase if phrase else " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
+    if FLITE_FRACTION[split] > 0 and rng.random() < FLITE_FRACTION[split]:  # no draw at 0: the same pools as before
+        voices = [FLITE_PREFIX + name for name in FLITE_VOICES]
     voice = voices[rng.integers(len(voices))]
     return speak(text, voice, int(rng.integers(130, 221)), int(rng.integers(20, 81))), voice
 
