@@ -122,11 +122,16 @@ WORDS = {"train": tuple(_WORDS[0::2]), "test": tuple(_WORDS[1::2])}
 
 
 # ----- voices ------------------------------------------------------------------------------------------------------
-def _espeak() -> str:
-    exe = shutil.which("espeak-ng")
+def _tool(name: str, needed_by: str) -> str:
+    """The path of the system tool ``name`` (a Debian package of the same name), or an error saying what needs it."""
+    exe = shutil.which(name)
     if exe is None:
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng); the duplex data needs it")
+        raise RuntimeError(f"{name} is not installed (apt-get install {name}); {needed_by} needs it")
     return exe
+
+
+def _espeak() -> str:
+    return _tool("espeak-ng", "the duplex data")
 
 
 @lru_cache(maxsize=1)
@@ -224,13 +229,6 @@ def _random_variant_path(shard: int) -> str:
     return root
 
 
-def _flite() -> str:
-    exe = shutil.which("flite")
-    if exe is None:
-        raise RuntimeError("flite is not installed (apt-get install flite); FLITE_FRACTION > 0 needs it")
-    return exe
-
-
 def _flite_wav(text: str, name: str, speed: int, pitch: int) -> bytes:
     """The WAV bytes of flite voice ``name`` saying ``text``: espeak-ng's ``speed`` (words/min, 175 its default) as a
     duration stretch and its ``pitch`` (0-99, 50 the voice's own F0) as an octave per 60 steps (the pools' 20-80:
@@ -241,7 +239,7 @@ def _flite_wav(text: str, name: str, speed: int, pitch: int) -> bytes:
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "speech.wav")
         subprocess.run(
-            [_flite(), "-voice", name, "--setf", f"duration_stretch={175 / speed:.4f}",
+            [_tool("flite", "FLITE_FRACTION > 0"), "-voice", name, "--setf", f"duration_stretch={175 / speed:.4f}",
              "--setf", f"int_f0_target_mean={f0:.1f}", "-t", text, "-o", out],
             check=True, capture_output=True,
         )
@@ -253,7 +251,7 @@ def _espeak_wav(text: str, voice: str, speed: int, pitch: int) -> bytes:
     index = random_variant_index(voice)
     path = [] if index is None else ["--path", _random_variant_path(index // RANDOM_VARIANTS_PER_PATH)]
     return subprocess.run(
-        [_espeak(), *path, "-v", voice, "-s", str(int(speed)), "-p", str(int(pitch)), "--stdout", text],
+        [_espeak(), *path, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
         check=True,
         capture_output=True,
     ).stdout
