@@ -37,6 +37,7 @@ from mini_omni2.training.duplex import (  # noqa: E402
     MAX_FALSE_PER_10MIN,
     add_listen_training_arguments,
     argument_type,
+    check_listen_training_arguments,
     clip_kwargs,
     listen_training_kwargs,
     parse_count,
@@ -180,7 +181,8 @@ def train_model(args, model, train, seed: int, teachers=()):
 
 
 def teacher_seed(seed: int, k: int) -> int:
-    """Teacher ``k`` of ``--seed S`` starts from ``1000 S + k`` (teacher 0 is the plain recipe's model of seed S)."""
+    """Teacher ``k`` of ``--seed S`` starts from ``1000 S + k`` (at ``--seed 0``, teacher k starts where the plain
+    recipe's model of training seed k does)."""
     return 1000 * seed + k
 
 
@@ -251,7 +253,7 @@ def proof(args) -> dict:
         raise SystemExit("the proof uses the features input (the codec's random weights carry nothing: docs/duplex.md)")
     front_end = model.listen_front_end()
 
-    train_kinds = clip_kwargs(args)
+    train_clip_options = clip_kwargs(args)
     cache = {"cache": args.cache, "cache_key": {k: getattr(model.config, k) for k in (
         "listen_input", "listen_sampling_rate", "listen_frame_samples", "listen_feature_config")}}
     start = time.perf_counter()
@@ -259,14 +261,15 @@ def proof(args) -> dict:
                          tail_seconds=EVALUATION_TAIL_SECONDS, **cache)
     # validation: unseen clips of the train split (its voices, words and kinds), to choose the decision rule
     validation = make_examples("train", args.val_clips, front_end, args.seed, start=args.train_clips,
-                               workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS, **train_kinds, **cache)
+                               workers=args.workers, tail_seconds=EVALUATION_TAIL_SECONDS, **train_clip_options,
+                               **cache)
     timings["test_data_s"] = time.perf_counter() - start
     window = {"window_frames": args.window, "refeed_frames": args.refeed} if args.window else {}
     result: dict = {}
     if not args.model:
         start = time.perf_counter()
         train = make_examples("train", args.train_clips, front_end, args.seed, workers=args.workers, half=True,
-                              **train_kinds, **cache)
+                              **train_clip_options, **cache)
         timings["train_data_s"] = time.perf_counter() - start
         teachers = []
         if args.teachers:
@@ -460,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_listen_training_arguments(parser, args)
     import torch
 
     if args.threads:

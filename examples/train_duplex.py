@@ -122,7 +122,11 @@ def choose_rule(args, model) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    from mini_omni2.training.duplex import check_listen_training_arguments
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_listen_training_arguments(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 

@@ -517,6 +517,15 @@ def test_clips_are_deterministic_and_labelled():
         else:
             assert clip["spoken"] in NEAR_MISSES + ("",) and clip["command_start"] == -1.0
     assert {c["command_end"] >= 0 for c in clips} == {True, False}
+    # the shares of commands and near misses are the clips' draws (200 clips: within 3.5 standard deviations)
+    shares = [make_clip("train", i, seed=7, positive_fraction=0.6, near_miss_fraction=0.3, **short) for i in range(200)]
+    positives = sum(c["spoken"] in COMMAND_TEXTS for c in shares)
+    near_misses = sum(c["spoken"] in NEAR_MISSES for c in shares)
+    assert abs(positives - 120) <= 3.5 * (200 * 0.6 * 0.4) ** 0.5
+    assert abs(near_misses - 60) <= 3.5 * (200 * 0.3 * 0.7) ** 0.5
+    assert positives + near_misses < 200  # and some background alone
+    with pytest.raises(ValueError, match="sum to <= 1, got 0.8 and 0.3"):
+        make_clip("train", 0, positive_fraction=0.8, near_miss_fraction=0.3)
     # n_irq before the tail, irq from the frame in which the command ends
     assert frame_labels(5, 0.2, 0.1).tolist() == [0, 0, 1, 1, 1]
     assert frame_labels(5, 0.15, 0.1).tolist() == [0, 1, 1, 1, 1]
@@ -702,7 +711,10 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                           (["--weight-averaging", "1"], "--weight-averaging: decay must be in [0, 1), got 1.0"),
                           (["--distillation-weight", "2"],
                            "--distillation-weight: the distillation weight must be in [0, 1], got 2"),
-                          (["--teachers", "-1"], "--teachers: must be >= 0, got -1")]:
+                          (["--teachers", "-1"], "--teachers: must be >= 0, got -1"),
+                          (["--positive-fraction", "1.2"], "--positive-fraction: must be a fraction in [0, 1], got 1.2"),
+                          (["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],
+                           "positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1, got 0.8 and 0.3")]:
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert message in capsys.readouterr().err
@@ -858,11 +870,18 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     with pytest.raises(SystemExit):
         script.build_parser().parse_args(["--output-dir", "x", "--val-clips", "-1"])
     args = script.build_parser().parse_args(["--output-dir", "x", "--tail-seconds", "0",
-                                             "--train-kinds", "hum,speech", "--mixture-fraction", "0.5"])
+                                             "--train-kinds", "hum,speech", "--mixture-fraction", "0.5",
+                                             "--positive-fraction", "0.7", "--near-miss-fraction", "0.1"])
     from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
 
     assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999, "distillation_weight": 0.5}
-    assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5}
+    assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5, "positive_fraction": 0.7,
+                                 "near_miss_fraction": 0.1}
+    for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"],  # one share, or their sum, over 1
+                ["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"]):
+        with pytest.raises(SystemExit):
+            script.main(["--output-dir", str(tmp_path / "refused"), *bad])
+    assert not (tmp_path / "refused").exists()
     summary = script.main(["--output-dir", str(tmp_path / "kinds"), "--train-clips", "4", "--max-steps", "1",
                            "--per-device-train-batch-size", "4", "--warmup-steps", "0",
                            "--train-kinds", "hum,white", "--mixture-fraction", "1", "--val-clips", "0",

@@ -47,6 +47,11 @@ MAX_FALSE_PER_10MIN = 1.0
 #: cap is never reached: 90 % of the average's weight is on the last 450 steps (docs/duplex.md).
 LISTEN_WEIGHT_AVERAGING_DECAY = 0.999
 
+#: The recipe's training clips (and the validation clips the rule is chosen on): the shares of positives and of near
+#: misses (:func:`~.duplex_data.make_clip`; the rest are background alone). The held-out clips keep make_clip's own.
+LISTEN_POSITIVE_FRACTION = 0.5
+LISTEN_NEAR_MISS_FRACTION = 0.25
+
 #: The tiny language model of the proof (docs/duplex.md): the test models' (~0.2 M parameters), with Qwen2's usual
 #: RoPE base of 10,000 (a row of a few hundred positions).
 DUPLEX_TINY_TEXT = {**TINY_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
@@ -288,7 +293,8 @@ def parse_count(text: str) -> int:
 
 def add_listen_training_arguments(parser) -> None:
     """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
-    ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction`` and ``--distillation-weight``. Their values are
+    ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction``, ``--positive-fraction``,
+    ``--near-miss-fraction`` and ``--distillation-weight``. Their values are
     checked while parsing (:func:`argument_type`), so a bad one is refused before any clip is made;
     :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them into keywords."""
     parser.add_argument("--tail-seconds", type=argument_type(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
@@ -301,9 +307,22 @@ def add_listen_training_arguments(parser) -> None:
                              "train split's; EXTRA_KINDS adds hum, sweeps, clatter)")
     parser.add_argument("--mixture-fraction", type=argument_type(parse_mixture_fraction), default=0.0,
                         help="fraction of those clips whose background mixes two kinds")
+    parser.add_argument("--positive-fraction", type=argument_type(parse_fraction), default=LISTEN_POSITIVE_FRACTION,
+                        help="share of those clips with the command")
+    parser.add_argument("--near-miss-fraction", type=argument_type(parse_fraction), default=LISTEN_NEAR_MISS_FRACTION,
+                        help="share of those clips with a near miss instead (with --positive-fraction: <= 1 in all)")
     parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
+
+
+def check_listen_training_arguments(parser, args) -> None:
+    """What one option's type cannot check: the shares of positives and near misses sum to <= 1 (else
+    ``parser.error``, before any clip or model is made)."""
+    try:
+        clip_kwargs(args)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def parse_tail_seconds(text: str) -> float | None:
@@ -342,6 +361,14 @@ def parse_mixture_fraction(text: str) -> float:
     return fraction
 
 
+def parse_fraction(text: str) -> float:
+    """``--positive-fraction``, ``--near-miss-fraction``: a share in [0, 1] (their sum: :func:`clip_kwargs`)."""
+    fraction = float(text)
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"must be a fraction in [0, 1], got {text}")
+    return fraction
+
+
 def listen_training_kwargs(args) -> dict[str, Any]:
     """The keywords of :func:`train_listener` that :func:`add_listen_training_arguments` parsed."""
     return {"tail_seconds": args.tail_seconds, "weight_averaging": args.weight_averaging,
@@ -349,8 +376,13 @@ def listen_training_kwargs(args) -> dict[str, Any]:
 
 
 def clip_kwargs(args) -> dict[str, Any]:
-    """The keywords of :func:`~.duplex_data.make_clip` that :func:`add_listen_training_arguments` parsed."""
-    return {"kinds": args.train_kinds, "mixture_fraction": args.mixture_fraction}
+    """The keywords of :func:`~.duplex_data.make_clip` that :func:`add_listen_training_arguments` parsed; a ValueError
+    if the shares of positives and near misses sum to more than 1 (called before any clip is made)."""
+    from .duplex_data import check_clip_fractions
+
+    check_clip_fractions(args.positive_fraction, args.near_miss_fraction)
+    return {"kinds": args.train_kinds, "mixture_fraction": args.mixture_fraction,
+            "positive_fraction": args.positive_fraction, "near_miss_fraction": args.near_miss_fraction}
 
 
 # ----- evaluation --------------------------------------------------------------------------------------------------

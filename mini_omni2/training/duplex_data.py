@@ -449,6 +449,14 @@ def check_mixture_fraction(mixture_fraction: float) -> None:
         raise ValueError(f"mixture_fraction must be in [0, 1], got {mixture_fraction}")
 
 
+def check_clip_fractions(positive_fraction: float, near_miss_fraction: float) -> None:
+    """A ValueError unless the shares of positives and of near misses (of :func:`make_clip`) are >= 0 and sum to <= 1
+    (the rest are background alone)."""
+    if not (positive_fraction >= 0 and near_miss_fraction >= 0 and positive_fraction + near_miss_fraction <= 1):
+        raise ValueError(f"positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1, got "
+                         f"{positive_fraction} and {near_miss_fraction}")
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -480,8 +488,7 @@ def make_clip(
     ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
     """
     _check_split(split)
-    if not (positive_fraction >= 0 and near_miss_fraction >= 0 and positive_fraction + near_miss_fraction <= 1):
-        raise ValueError("positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1")
+    check_clip_fractions(positive_fraction, near_miss_fraction)
     check_mixture_fraction(mixture_fraction)
     kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
