@@ -877,7 +877,7 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999, "distillation_weight": 0.5}
     assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5, "positive_fraction": 0.7,
                                  "near_miss_fraction": 0.1}
-    for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"],  # one share, or their sum, over 1
+    for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"],  # a share outside [0, 1], or their sum over 1
                 ["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"]):
         with pytest.raises(SystemExit):
             script.main(["--output-dir", str(tmp_path / "refused"), *bad])
