@@ -35,6 +35,7 @@ from mini_omni2.training.duplex import (  # noqa: E402
     EVALUATION_TAIL_SECONDS,
     LISTEN_RULE_GRID,
     MAX_FALSE_PER_10MIN,
+    add_listen_adapter_argument,
     add_listen_training_arguments,
     argument_type,
     check_listen_training_arguments,
@@ -161,6 +162,7 @@ def new_model(args, seed: int):
         text={"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
               "head_dim": args.hidden // 4},
         adapter_intermediate_size=args.adapter,
+        listen_adapter=args.listen_adapter,
         listen_feature_config={"num_mel_bins": args.mel_bins},
     )
     return MiniOmni2ForConditionalGeneration(config)
@@ -439,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-bands", type=int, default=0, help="mel bands masked per training row (SpecAugment)")
     parser.add_argument("--mask-width", type=int, default=8, help="widest masked band, in mel bins")
     parser.add_argument("--warp", type=float, default=0.0, help="stretch each training row's mel axis by 1 +- warp")
+    add_listen_adapter_argument(parser, "mlp")
     add_listen_training_arguments(parser)
     parser.add_argument("--teachers", type=argument_type(parse_count), default=0,
                         help="train this many models of the recipe first and distil their average into the scored one")

@@ -33,7 +33,12 @@ TINY = "tiny-random"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mini_omni2.training.duplex import add_listen_training_arguments, argument_type, parse_count
+    from mini_omni2.training.duplex import (
+        add_listen_adapter_argument,
+        add_listen_training_arguments,
+        argument_type,
+        parse_count,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=TINY, help=f"a saved Mini-Omni2 folder, or {TINY!r} (tiny, random, offline)")
@@ -55,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", action="append", default=[], metavar="DIR",
                         help="a trained listening model to distil (repeat for several: their mean P(irq) is the "
                              "soft target, --distillation-weight its share)")
+    add_listen_adapter_argument(parser, None)
     add_listen_training_arguments(parser)  # --tail-seconds, --weight-averaging, --train-kinds, ...
     return parser
 
@@ -67,9 +73,11 @@ def load_model_and_processor(args):
         from mini_omni2.tiny import tiny_processor
         from mini_omni2.training.duplex import duplex_tiny_config
 
-        config = duplex_tiny_config(listen_input=args.listen_input or "features")
+        config = duplex_tiny_config(
+            listen_input=args.listen_input or "features", listen_adapter=args.listen_adapter or "mlp"
+        )
         return MiniOmni2ForConditionalGeneration(config), tiny_processor(vision=False)
-    overrides = {"listen_input": args.listen_input} if args.listen_input else {}
+    overrides = {k: v for k, v in (("listen_input", args.listen_input), ("listen_adapter", args.listen_adapter)) if v}
     model = MiniOmni2ForConditionalGeneration.from_pretrained(args.model, **overrides)
     return model, MiniOmni2Processor.from_pretrained(args.model)
 

@@ -94,6 +94,11 @@ LISTEN_FEATURES_DEFAULT = dict(
     running_mean_seconds=2.0,
 )
 
+#: (extension) The listening adapter on those features: ``"mlp"``, a LLaMA-MLP like the other adapters, over the
+#: flattened vector; ``"conv"``, three 3x3 convolutions over the frame's (columns, mel bins) image before a linear
+#: layer, so that a pattern learned at one pitch or formant height is recognised at another (docs/duplex.md).
+LISTEN_ADAPTERS = ("mlp", "conv")
+
 
 class MiniOmni2Config(PreTrainedConfig):
     r"""
@@ -115,6 +120,10 @@ class MiniOmni2Config(PreTrainedConfig):
             incoming audio, the paper's way; no extra weights) or `"features"` (log-mel frames through a
             `listen_projector` adapter). See docs/duplex.md.
         listen_feature_config (`dict`): the log-mel front end of `listen_input="features"`.
+        listen_adapter (`str`): (extension) the `listen_projector` of `listen_input="features"`: `"mlp"` (a LLaMA-MLP
+            of width `adapter_intermediate_size` over the frame's flattened features) or `"conv"` (convolutions over
+            its columns x mel bins, `listen_conv_channels` wide, then a linear layer). See docs/duplex.md.
+        listen_conv_channels (`int`): channels of the `"conv"` listening adapter (16).
         listen_rule (`dict` or `None`): (extension) when this model's listening row commits to `irq`:
             `{"threshold": t, "min_frames": m}` (P(irq) >= t on m consecutive frames), the rule chosen on validation
             clips when the row was trained; sessions and the server use it unless told otherwise. `None`: the
@@ -153,6 +162,8 @@ class MiniOmni2Config(PreTrainedConfig):
     listen_input: str = LISTEN_CODEC
     listen_feature_config: dict | None = field(default_factory=lambda: dict(LISTEN_FEATURES_DEFAULT))
     listen_rule: dict | None = None
+    listen_adapter: str = "mlp"
+    listen_conv_channels: int = 16
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -188,6 +199,10 @@ class MiniOmni2Config(PreTrainedConfig):
     def _check_listen(self) -> None:
         if self.listen_input not in LISTEN_INPUTS:
             raise ValueError(f"listen_input must be one of {LISTEN_INPUTS}, got {self.listen_input!r}")
+        if self.listen_adapter not in LISTEN_ADAPTERS:
+            raise ValueError(f"listen_adapter must be one of {LISTEN_ADAPTERS}, got {self.listen_adapter!r}")
+        if not isinstance(self.listen_conv_channels, int) or self.listen_conv_channels < 1:
+            raise ValueError(f"listen_conv_channels must be a positive integer, got {self.listen_conv_channels!r}")
         self.listen_feature_config = {**LISTEN_FEATURES_DEFAULT, **(self.listen_feature_config or {})}
         unknown = set(self.listen_feature_config) - set(LISTEN_FEATURES_DEFAULT)
         if unknown:
@@ -250,9 +265,17 @@ class MiniOmni2Config(PreTrainedConfig):
         """Width of one frame's feature vector entering the listening adapter; None for codec input."""
         if self.listen_input != LISTEN_FEATURES:
             return None
+        return math.prod(self.listen_feature_shape)
+
+    @property
+    def listen_feature_shape(self) -> tuple[int, int] | None:
+        """One frame's features as (columns, mel bins): the log-mel columns of ``context_frames`` frames, oldest
+        first, as the vector lays them out; None for codec input."""
+        if self.listen_input != LISTEN_FEATURES:
+            return None
         features = self.listen_feature_config
         columns = self.listen_frame_samples // features["hop_length"]
-        return features["num_mel_bins"] * columns * features["context_frames"]
+        return columns * features["context_frames"], features["num_mel_bins"]
 
     @property
     def max_audio_frames(self) -> int:

@@ -6,12 +6,14 @@ the 8-stream embedding (SPEC §3), the LLaMA-MLP adapters, the sliced head and l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.clip.modeling_clip import CLIPVisionModelWithProjection
@@ -103,6 +105,52 @@ class MiniOmni2Adapter(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(F.silu(self.fc_1(features)) * self.fc_2(features))
+
+
+class MiniOmni2ListenConvAdapter(nn.Module):
+    """(extension, docs/duplex.md) The listening adapter of ``listen_adapter="conv"``: three 3x3 convolutions (the
+    second and third with stride 2) over one frame's (columns, mel bins) image of features, then a linear layer to the
+    hidden size. Shared along the mel axis, its filters hear a pattern at any pitch or formant height; the MLP adapter
+    has to learn each height apart. Its layers keep torch's own (fan-in) initialisation: the library's small normal
+    one leaves three stacked convolutions with almost no output."""
+
+    def __init__(self, feature_shape: tuple[int, int], channels: int, out_dim: int):
+        super().__init__()
+        self.feature_shape = tuple(feature_shape)
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.SiLU(),
+        )
+        columns, mels = (((size + 1) // 2 + 1) // 2 for size in self.feature_shape)  # two stride-2 convolutions
+        self.proj = nn.Linear(channels * columns * mels, out_dim)
+        for layer in (*self.convs, self.proj):
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                layer._mini_omni2_torch_init = True
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``features`` (..., columns * mel bins), flattened as the front end lays them out -> (..., out_dim)."""
+        images = features.reshape(-1, 1, *self.feature_shape)
+        return self.proj(self.convs(images).flatten(1)).reshape(*features.shape[:-1], -1)
+
+
+def _torch_default_init(layer: nn.Module) -> None:
+    """torch's own initialisation of a linear or convolutional layer (``reset_parameters``), through the library's
+    init functions, which leave loaded weights alone."""
+    init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+    if layer.bias is not None:
+        bound = 1 / math.sqrt(layer.weight[0].numel())
+        init.uniform_(layer.bias, -bound, bound)
+
+
+def build_listen_projector(config: MiniOmni2Config) -> nn.Module | None:
+    """The listening adapter ``config.listen_adapter`` names (None for codec input: the codes need none)."""
+    if config.listen_feature_dim is None:
+        return None
+    hidden = config.text_config.hidden_size
+    if config.listen_adapter == "conv":
+        return MiniOmni2ListenConvAdapter(config.listen_feature_shape, config.listen_conv_channels, hidden)
+    return MiniOmni2Adapter(config.listen_feature_dim, config.adapter_intermediate_size, hidden)
 
 
 class MiniOmni2Codec(nn.Module):
@@ -202,6 +250,9 @@ class MiniOmni2PreTrainedModel(PreTrainedModel):
         # The codec keeps SNAC's own initialisation (weight-normed convolutions, snake alphas).
         if getattr(module, "_is_mini_omni2_codec", False):
             return
+        if getattr(module, "_mini_omni2_torch_init", False):
+            _torch_default_init(module)
+            return
         super()._init_weights(module)
 
 
@@ -227,11 +278,7 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
             self.vision_tower = None
             self.vision_projector = None
         # (extension, docs/duplex.md) the listening row's audio features replace its audio-stream embeddings
-        self.listen_projector = (
-            MiniOmni2Adapter(config.listen_feature_dim, config.adapter_intermediate_size, hidden)
-            if config.listen_feature_dim is not None
-            else None
-        )
+        self.listen_projector = build_listen_projector(config)
         self.post_init()
 
     @property
@@ -401,7 +448,7 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
                 f"got {tuple(features.shape)} and {tuple(mask.shape)}"
             )
         mask = mask.bool()
-        projected = self.listen_projector(features[mask].to(self.listen_projector.fc_1.weight.dtype))
+        projected = self.listen_projector(features[mask].to(next(self.listen_projector.parameters()).dtype))
         placed = audio_embeds.new_zeros(batch, seq, audio_embeds.shape[3]).masked_scatter(
             mask[..., None], projected.to(audio_embeds.dtype)
         )

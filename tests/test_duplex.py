@@ -2,6 +2,7 @@
 model's listening adapter, the step-by-step listener, the synthetic data, and a small trained model that detects."""
 
 import math
+import re
 import types
 
 import numpy as np
@@ -410,6 +411,49 @@ def test_a_features_model_saves_and_loads(features_model, tmp_path):
     assert (tmp_path / "duplex_mini_omni2.py").exists()  # the front end ships with the remote code
 
 
+def test_the_conv_listening_adapter_hears_each_frame_as_an_image_of_columns_by_mel_bins(tmp_path):
+    """listen_adapter="conv": convolutions over a frame's (columns, mel bins), torch's own initialisation (the
+    library's small normal one would leave three stacked convolutions almost silent), saved and loaded as it was."""
+    from mini_omni2 import MiniOmni2ForConditionalGeneration
+    from mini_omni2.modeling_mini_omni2 import MiniOmni2Adapter, MiniOmni2ListenConvAdapter
+    from mini_omni2.training.duplex import duplex_tiny_config
+
+    assert duplex_tiny_config().listen_adapter == "mlp"
+    config = duplex_tiny_config(listen_adapter="conv", listen_feature_config={"context_frames": 2})
+    assert config.listen_feature_shape == (16, 64) and config.listen_feature_dim == 16 * 64  # 2 frames x 8 columns
+    torch.manual_seed(0)
+    model = MiniOmni2ForConditionalGeneration(config).eval()
+    adapter = model.model.listen_projector
+    assert isinstance(adapter, MiniOmni2ListenConvAdapter) and adapter.feature_shape == (16, 64)
+    first = adapter.convs[0].weight
+    assert first.shape == (16, 1, 3, 3) and first.abs().max() <= 1 / 3 and first.std() > 0.1  # U(+-1/sqrt(9))
+    features = torch.randn(2, 5, config.listen_feature_dim)
+    out = adapter(features)
+    assert out.shape == (2, 5, config.text_config.hidden_size)
+    assert torch.allclose(out[1, 3], adapter(features[1, 3][None])[0], atol=1e-6)  # frame by frame
+    # one mel bin's pattern moved up the mel axis still reaches the convolutions (shared along it)
+    image = torch.zeros(16, 64)
+    image[4:8, 10:14] = 1.0
+    moved = torch.roll(image, 20, dims=1)
+    hidden = [adapter.convs(x.reshape(1, 1, 16, 64)) for x in (image, moved)]
+    assert torch.allclose(hidden[0].sum(), hidden[1].sum(), rtol=0.05)
+    model.save_pretrained(tmp_path)
+    loaded = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.listen_adapter == "conv" and torch.equal(loaded.model.listen_projector(features), out)
+    mlp = MiniOmni2ForConditionalGeneration(duplex_tiny_config()).model.listen_projector
+    assert isinstance(mlp, MiniOmni2Adapter)
+    # added to a model saved without one (a converted release): the new adapter gets the same initialisation
+    tiny_model(vision=False).save_pretrained(tmp_path / "codec")
+    added = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path / "codec", listen_input="features",
+                                                              listen_adapter="conv").model.listen_projector
+    assert isinstance(added, MiniOmni2ListenConvAdapter)
+    assert added.convs[0].weight.abs().max() <= 1 / 3 and added.convs[0].weight.std() > 0.1
+    for bad, message in [({"listen_adapter": "gru"}, "listen_adapter must be one of ('mlp', 'conv'), got 'gru'"),
+                         ({"listen_conv_channels": 0}, "listen_conv_channels must be a positive integer, got 0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            duplex_tiny_config(**bad)
+
+
 def test_a_model_keeps_its_listening_rule_in_its_config(tmp_path):
     """config.listen_rule: the decision rule chosen when the row was trained, saved and loaded with the model;
     min_frames defaults to 1; anything else is refused with what was given."""
@@ -712,12 +756,15 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                           (["--distillation-weight", "2"],
                            "--distillation-weight: the distillation weight must be in [0, 1], got 2"),
                           (["--teachers", "-1"], "--teachers: must be >= 0, got -1"),
+                          (["--listen-adapter", "gru"], "--listen-adapter: invalid choice: 'gru'"),
                           (["--positive-fraction", "1.2"], "--positive-fraction: must be a fraction in [0, 1], got 1.2"),
                           (["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],
                            "positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1, got 0.8 and 0.3")]:
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert message in capsys.readouterr().err
+    conv = bench.new_model(bench.build_parser().parse_args(["--listen-adapter", "conv"]), seed=0)
+    assert conv.config.listen_adapter == "conv" and conv.config.text_config.hidden_size == 128
 
 
 def test_the_proof_benchmark_distils_its_teachers_and_reads_them_back(tmp_path, capsys):
@@ -885,9 +932,12 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     summary = script.main(["--output-dir", str(tmp_path / "kinds"), "--train-clips", "4", "--max-steps", "1",
                            "--per-device-train-batch-size", "4", "--warmup-steps", "0",
                            "--train-kinds", "hum,white", "--mixture-fraction", "1", "--val-clips", "0",
-                           "--teacher", str(out), "--distillation-weight", "0.7"])  # distilled from the first model
+                           "--teacher", str(out), "--distillation-weight", "0.7",  # distilled from the first model
+                           "--listen-adapter", "conv"])  # into another adapter
     assert summary["steps"] == 1 and summary["examples"] == 4 and summary["listen_rule"] is None  # kept the model's
     assert summary["teachers"] == [str(out)]
+    assert MiniOmni2Config.from_pretrained(tmp_path / "kinds").listen_adapter == "conv"
+    assert MiniOmni2Config.from_pretrained(out).listen_adapter == "mlp"
 
 
 class _Line(torch.nn.Module):

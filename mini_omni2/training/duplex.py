@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .duplex_data import listen_inputs
+from ..configuration_mini_omni2 import LISTEN_ADAPTERS
 from ..engine_mini_omni2 import ListenRule
 from ..modeling_mini_omni2 import IGNORE_INDEX
 from ..tiny import TINY_TEXT
@@ -314,6 +315,15 @@ def add_listen_training_arguments(parser) -> None:
     parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
+
+
+def add_listen_adapter_argument(parser, default: str | None) -> None:
+    """``--listen-adapter``: the listening adapter of a model the script builds (``config.listen_adapter``);
+    ``default`` None keeps a loaded model's."""
+    parser.add_argument("--listen-adapter", choices=LISTEN_ADAPTERS, default=default,
+                        help="the listening adapter on the features: an MLP over the flattened frame, or convolutions "
+                             "over its columns x mel bins (docs/duplex.md; default: "
+                             f"{default or 'a loaded model keeps its own'})")
 
 
 def check_listen_training_arguments(parser, args) -> None:
