@@ -708,6 +708,7 @@ __all__ = [
     "MiniOmni2ForConditionalGeneration",
     "MiniOmni2Codec",
     "MiniOmni2Adapter",
+    "MiniOmni2ListenConvAdapter",
     "native_bfloat16",
     "resolve_dtype",
 ]
