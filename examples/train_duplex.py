@@ -69,15 +69,13 @@ def load_model_and_processor(args):
     import mini_omni2  # noqa: F401  (registers the Auto classes)
     from mini_omni2 import MiniOmni2ForConditionalGeneration, MiniOmni2Processor
 
+    overrides = {k: v for k, v in (("listen_input", args.listen_input), ("listen_adapter", args.listen_adapter)) if v}
     if args.model == TINY:
         from mini_omni2.tiny import tiny_processor
         from mini_omni2.training.duplex import duplex_tiny_config
 
-        config = duplex_tiny_config(
-            listen_input=args.listen_input or "features", listen_adapter=args.listen_adapter or "mlp"
-        )
+        config = duplex_tiny_config(**overrides)  # features input unless told otherwise
         return MiniOmni2ForConditionalGeneration(config), tiny_processor(vision=False)
-    overrides = {k: v for k, v in (("listen_input", args.listen_input), ("listen_adapter", args.listen_adapter)) if v}
     model = MiniOmni2ForConditionalGeneration.from_pretrained(args.model, **overrides)
     return model, MiniOmni2Processor.from_pretrained(args.model)
 

@@ -263,9 +263,8 @@ class MiniOmni2Config(PreTrainedConfig):
     @property
     def listen_feature_dim(self) -> int | None:
         """Width of one frame's feature vector entering the listening adapter; None for codec input."""
-        if self.listen_input != LISTEN_FEATURES:
-            return None
-        return math.prod(self.listen_feature_shape)
+        shape = self.listen_feature_shape
+        return None if shape is None else math.prod(shape)
 
     @property
     def listen_feature_shape(self) -> tuple[int, int] | None:
