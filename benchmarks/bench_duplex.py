@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mini_omni2.training.duplex import (  # noqa: E402
     EVALUATION_TAIL_SECONDS,
+    LISTEN_ADAPTER,
     LISTEN_RULE_GRID,
     MAX_FALSE_PER_10MIN,
     add_listen_adapter_argument,
@@ -389,6 +390,7 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3) -> 
     return {
         "context": context,
         "listen_input": config.listen_input,
+        "listen_adapter": config.listen_adapter if config.listen_input == "features" else None,
         "steps_per_s_without": without,
         "steps_per_s_with_listening_row": with_row,
         "slowdown": without / with_row,
@@ -406,10 +408,11 @@ def cost(args) -> dict:
 
     results = []
     for listen_input in ("features", "codec"):
-        if args.cost_size == "released":
-            config = MiniOmni2Config(vision_config=None, listen_input=listen_input)  # vision takes no part in a step
+        adapter = {"listen_adapter": args.listen_adapter} if listen_input == "features" else {}
+        if args.cost_size == "released":  # vision takes no part in a step
+            config = MiniOmni2Config(vision_config=None, listen_input=listen_input, **adapter)
         else:
-            config = tiny_config(vision=False, listen_input=listen_input)
+            config = tiny_config(vision=False, listen_input=listen_input, **adapter)
         torch.manual_seed(0)
         model = MiniOmni2ForConditionalGeneration(config).eval()
         device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -441,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-bands", type=int, default=0, help="mel bands masked per training row (SpecAugment)")
     parser.add_argument("--mask-width", type=int, default=8, help="widest masked band, in mel bins")
     parser.add_argument("--warp", type=float, default=0.0, help="stretch each training row's mel axis by 1 +- warp")
-    add_listen_adapter_argument(parser, "mlp")
+    add_listen_adapter_argument(parser, LISTEN_ADAPTER)
     add_listen_training_arguments(parser)
     parser.add_argument("--teachers", type=argument_type(parse_count), default=0,
                         help="train this many models of the recipe first and distil their average into the scored one")
@@ -477,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cost:
         result["cost"] = cost(args)
         for row in result["cost"]["results"]:
-            print(f"{args.cost_size} sizes, listen_input={row['listen_input']}: {row['steps_per_s_without']:.1f} "
+            adapter = f" ({row['listen_adapter']} adapter)" if row["listen_adapter"] else ""
+            print(f"{args.cost_size} sizes, listen_input={row['listen_input']}{adapter}: {row['steps_per_s_without']:.1f} "
                   f"steps/s without, {row['steps_per_s_with_listening_row']:.1f} with the listening row "
                   f"(x{row['slowdown']:.2f}); front end {row['front_end_ms_per_frame']:.2f} ms/frame; "
                   f"real time needs {row['realtime_steps_per_s']:.1f} steps/s")

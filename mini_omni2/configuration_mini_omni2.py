@@ -96,8 +96,9 @@ LISTEN_FEATURES_DEFAULT = dict(
 
 #: (extension) The listening adapter on those features: ``"mlp"``, a LLaMA-MLP like the other adapters, over the
 #: flattened vector; ``"conv"``, three 3x3 convolutions over the frame's (columns, mel bins) image before a linear
-#: layer, so that a pattern learned at one pitch or formant height is recognised at another (docs/duplex.md).
-LISTEN_ADAPTERS = ("mlp", "conv")
+#: layer, so that a pattern learned at one pitch or formant height is recognised at another; ``"gru"``, a recurrent
+#: adapter whose state carries the frames heard so far from one step of the listening row to the next (docs/duplex.md).
+LISTEN_ADAPTERS = ("mlp", "conv", "gru")
 
 
 class MiniOmni2Config(PreTrainedConfig):
@@ -122,8 +123,12 @@ class MiniOmni2Config(PreTrainedConfig):
         listen_feature_config (`dict`): the log-mel front end of `listen_input="features"`.
         listen_adapter (`str`): (extension) the `listen_projector` of `listen_input="features"`: `"mlp"` (a LLaMA-MLP
             of width `adapter_intermediate_size` over the frame's flattened features) or `"conv"` (convolutions over
-            its columns x mel bins, `listen_conv_channels` wide, then a linear layer). See docs/duplex.md.
+            its columns x mel bins, `listen_conv_channels` wide, then a linear layer) or `"gru"` (a small MLP per frame,
+            then a GRU of `listen_gru_layers` layers, `listen_gru_size` wide, over the row's frames in order, then a
+            linear layer; its state goes from one step of the listening row to the next). See docs/duplex.md.
         listen_conv_channels (`int`): channels of the `"conv"` listening adapter (16).
+        listen_gru_size (`int`): width of the `"gru"` listening adapter (128).
+        listen_gru_layers (`int`): layers of the `"gru"` listening adapter (2).
         listen_rule (`dict` or `None`): (extension) when this model's listening row commits to `irq`:
             `{"threshold": t, "min_frames": m}` (P(irq) >= t on m consecutive frames), the rule chosen on validation
             clips when the row was trained; sessions and the server use it unless told otherwise. `None`: the
@@ -164,6 +169,8 @@ class MiniOmni2Config(PreTrainedConfig):
     listen_rule: dict | None = None
     listen_adapter: str = "mlp"
     listen_conv_channels: int = 16
+    listen_gru_size: int = 128
+    listen_gru_layers: int = 2
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -201,8 +208,10 @@ class MiniOmni2Config(PreTrainedConfig):
             raise ValueError(f"listen_input must be one of {LISTEN_INPUTS}, got {self.listen_input!r}")
         if self.listen_adapter not in LISTEN_ADAPTERS:
             raise ValueError(f"listen_adapter must be one of {LISTEN_ADAPTERS}, got {self.listen_adapter!r}")
-        if not isinstance(self.listen_conv_channels, int) or self.listen_conv_channels < 1:
-            raise ValueError(f"listen_conv_channels must be a positive integer, got {self.listen_conv_channels!r}")
+        for name in ("listen_conv_channels", "listen_gru_size", "listen_gru_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.listen_feature_config = {**LISTEN_FEATURES_DEFAULT, **(self.listen_feature_config or {})}
         unknown = set(self.listen_feature_config) - set(LISTEN_FEATURES_DEFAULT)
         if unknown:

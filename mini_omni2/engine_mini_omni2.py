@@ -1161,6 +1161,15 @@ def check_listen_window(window_frames: int | None, refeed_frames: int) -> None:
         raise ValueError(f"need 0 <= refeed_frames ({refeed_frames}) < window_frames ({window_frames})")
 
 
+@dataclass
+class MiniOmni2ListenState:
+    """(extension, docs/duplex.md) What a listening row's ``"gru"`` adapter has heard so far: its hidden state
+    (layers, rows, width), ``None`` before the first frame. ``MiniOmni2Model.embed(..., listen_state=...)`` reads and
+    updates it in place (as a cache is), so a row fed one frame per step hears what a whole-row forward hears."""
+
+    hidden: torch.Tensor | None = None
+
+
 class ListenGroup(EngineGroup):
     """One duplex listening row (docs/duplex.md): it hears the microphone while ``speaking`` (a group) answers.
 
@@ -1212,6 +1221,7 @@ class ListenGroup(EngineGroup):
         self.device = next(model.parameters()).device
         self._frames: collections.deque[torch.Tensor] = collections.deque()  # appended by any thread
         self._feeding: torch.Tensor | None = None
+        self._heard = MiniOmni2ListenState()  # a recurrent listening adapter's state (features input)
         self._run = 0
         self._stop = False
         self.heard = 0  # frames read
@@ -1302,7 +1312,8 @@ class ListenGroup(EngineGroup):
         ids = self.next_ids()[:, :, None]
         features = self._feeding.to(self.device, torch.float32)[None, None]
         mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
-        return {0: self.model.model.embed(ids, listen_features=features, listen_feature_mask=mask)[0, 0]}
+        embeds = self.model.model.embed(ids, listen_features=features, listen_feature_mask=mask, listen_state=self._heard)
+        return {0: embeds[0, 0]}
 
     def advance(self, text_scores: torch.Tensor | None, audio_scores: torch.Tensor | None) -> None:
         if self._feeding is None:
@@ -1375,6 +1386,7 @@ __all__ = [
     "DecodeGroup",
     "ListenGroup",
     "ListenRule",
+    "MiniOmni2ListenState",
     "DecodeSettings",
     "Sampling",
     "MiniOmni2GenerateOutput",

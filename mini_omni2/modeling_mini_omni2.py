@@ -21,6 +21,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .configuration_mini_omni2 import MiniOmni2Config
 from .duplex_mini_omni2 import MiniOmni2ListenFrontEnd
+from .engine_mini_omni2 import MiniOmni2ListenState
 from .generation_mini_omni2 import MiniOmni2GenerationMixin
 from .token_layout import TokenLayout
 
@@ -134,9 +135,50 @@ class MiniOmni2ListenConvAdapter(nn.Module):
         return self.proj(self.convs(images).flatten(1)).reshape(*features.shape[:-1], -1)
 
 
+class MiniOmni2ListenRecurrentAdapter(nn.Module):
+    """(extension, docs/duplex.md) The listening adapter of ``listen_adapter="gru"``: a small MLP per frame, then a
+    GRU over a row's frames in order, then a linear layer to the hidden size. The language model's few layers must
+    otherwise piece a spoken command together from one frame's embedding per position; the GRU hears it as it
+    unfolds, at the cost of a state carried from step to step (:class:`MiniOmni2ListenState`). Torch's own
+    initialisation, as for the convolutional adapter."""
+
+    def __init__(self, feature_dim: int, width: int, layers: int, out_dim: int):
+        super().__init__()
+        self.fc_1 = nn.Linear(feature_dim, 2 * width)
+        self.fc_2 = nn.Linear(2 * width, width)
+        self.gru = nn.GRU(width, width, layers, batch_first=True)
+        self.proj = nn.Linear(width, out_dim)
+        for layer in (self.fc_1, self.fc_2, self.gru, self.proj):
+            layer._mini_omni2_torch_init = True
+
+    def forward(self, frames: torch.Tensor, counts: torch.Tensor, state: MiniOmni2ListenState | None = None):
+        """``frames`` (n, feature_dim): the frames of several rows, row after row, each in order (``features[mask]``);
+        ``counts``: frames per row (rows without frames are skipped). Returns (n, out_dim). ``state``: the rows'
+        state before these frames, updated to after them."""
+        counts = [int(c) for c in counts.tolist() if c]
+        if not counts:
+            return frames.new_zeros(0, self.proj.out_features)
+        hidden = None if state is None else state.hidden
+        if hidden is not None and hidden.shape[1] != len(counts):
+            raise ValueError(f"listen_state holds {hidden.shape[1]} rows, but {len(counts)} rows have frames")
+        inner = self.fc_2(F.silu(self.fc_1(frames)))
+        rows = nn.utils.rnn.pad_sequence(inner.split(counts), batch_first=True)
+        packed = nn.utils.rnn.pack_padded_sequence(rows, torch.tensor(counts), batch_first=True, enforce_sorted=False)
+        out, hidden = self.gru(packed, hidden)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        if state is not None:
+            state.hidden = hidden
+        return self.proj(torch.cat([row[:count] for row, count in zip(out, counts)]))
+
+
 def _torch_default_init(layer: nn.Module) -> None:
-    """torch's own initialisation of a linear or convolutional layer (``reset_parameters``), through the library's
-    init functions, which leave loaded weights alone."""
+    """torch's own initialisation of a linear, convolutional or recurrent layer (``reset_parameters``), through the
+    library's init functions, which leave loaded weights alone."""
+    if isinstance(layer, nn.RNNBase):
+        bound = 1 / math.sqrt(layer.hidden_size)
+        for weight in layer.parameters():
+            init.uniform_(weight, -bound, bound)
+        return
     init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
     if layer.bias is not None:
         bound = 1 / math.sqrt(layer.weight[0].numel())
@@ -150,6 +192,10 @@ def build_listen_projector(config: MiniOmni2Config) -> nn.Module | None:
     hidden = config.text_config.hidden_size
     if config.listen_adapter == "conv":
         return MiniOmni2ListenConvAdapter(config.listen_feature_shape, config.listen_conv_channels, hidden)
+    if config.listen_adapter == "gru":
+        return MiniOmni2ListenRecurrentAdapter(
+            config.listen_feature_dim, config.listen_gru_size, config.listen_gru_layers, hidden
+        )
     return MiniOmni2Adapter(config.listen_feature_dim, config.adapter_intermediate_size, hidden)
 
 
@@ -398,11 +444,13 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         image_feature_mask: torch.Tensor | None = None,
         listen_features: torch.Tensor | None = None,
         listen_feature_mask: torch.Tensor | None = None,
+        listen_state: MiniOmni2ListenState | None = None,
     ) -> torch.Tensor:
         """Input embeddings (batch, seq, hidden): the mean of the 8 stream embeddings, features placed (SPEC §3).
 
         ``listen_features`` (batch, seq, listen_feature_dim) go through ``listen_projector`` at the positions of
-        ``listen_feature_mask`` (batch, seq): the listening row's frames (extension, docs/duplex.md).
+        ``listen_feature_mask`` (batch, seq): the listening row's frames (extension, docs/duplex.md). The ``"gru"``
+        adapter hears each row's frames in order from ``listen_state`` (a row's start when None) and updates it.
         """
         layout = self.layout
         if input_ids.ndim != 3 or input_ids.shape[1] != layout.num_streams:
@@ -425,15 +473,19 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
                 audio_embeds, features, image_feature_mask.bool(), "image", layout.num_image_tokens
             )
         if listen_features is not None or listen_feature_mask is not None:
-            audio_embeds = self._place_listen_features(audio_embeds, listen_features, listen_feature_mask)
+            audio_embeds = self._place_listen_features(audio_embeds, listen_features, listen_feature_mask, listen_state)
         text_embeds = embeds[:, layout.text_stream :]
         return torch.cat([audio_embeds, text_embeds], dim=1).mean(dim=1)
 
     def _place_listen_features(
-        self, audio_embeds: torch.Tensor, features: torch.Tensor | None, mask: torch.Tensor | None
+        self,
+        audio_embeds: torch.Tensor,
+        features: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        state: MiniOmni2ListenState | None = None,
     ) -> torch.Tensor:
         """The listening adapter's output of ``features`` (batch, seq, dim) replaces the 7 audio-stream embeddings
-        (batch, 7, seq, hidden) at ``mask`` (batch, seq)."""
+        (batch, 7, seq, hidden) at ``mask`` (batch, seq); a recurrent adapter goes on from ``state``."""
         if self.listen_projector is None:
             raise ValueError(
                 f"this model's listening row hears {self.config.listen_input!r}, not features: it has no listen_projector"
@@ -448,7 +500,11 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
                 f"got {tuple(features.shape)} and {tuple(mask.shape)}"
             )
         mask = mask.bool()
-        projected = self.listen_projector(features[mask].to(next(self.listen_projector.parameters()).dtype))
+        frames = features[mask].to(next(self.listen_projector.parameters()).dtype)
+        if isinstance(self.listen_projector, MiniOmni2ListenRecurrentAdapter):
+            projected = self.listen_projector(frames, mask.sum(1), state)
+        else:
+            projected = self.listen_projector(frames)
         placed = audio_embeds.new_zeros(batch, seq, audio_embeds.shape[3]).masked_scatter(
             mask[..., None], projected.to(audio_embeds.dtype)
         )
@@ -473,6 +529,7 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         use_cache: bool | None = None,
         listen_features: torch.Tensor | None = None,
         listen_feature_mask: torch.Tensor | None = None,
+        listen_state: MiniOmni2ListenState | None = None,
         **kwargs,
     ) -> MiniOmni2ModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -483,7 +540,7 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed(
                 input_ids, input_features, audio_feature_mask, pixel_values, image_feature_mask,
-                listen_features, listen_feature_mask,
+                listen_features, listen_feature_mask, listen_state,
             )
         if position_ids is None and attention_mask is not None:
             position_ids = positions_from_attention_mask(attention_mask, inputs_embeds.shape[1])
@@ -636,6 +693,7 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         audio_logits_rows: torch.LongTensor | None = None,
         listen_features: torch.Tensor | None = None,
         listen_feature_mask: torch.Tensor | None = None,
+        listen_state: MiniOmni2ListenState | None = None,
         **kwargs,
     ) -> MiniOmni2CausalLMOutputWithPast:
         r"""
@@ -646,6 +704,8 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         image_feature_mask (`torch.BoolTensor` of shape `(batch, seq)`): positions that take the 50 CLIP tokens.
         listen_features (`torch.FloatTensor` of shape `(batch, seq, listen_feature_dim)`): (extension) the listening
             row's audio features at the positions of `listen_feature_mask` (`(batch, seq)`), docs/duplex.md.
+        listen_state (`MiniOmni2ListenState`): (extension) where a `"gru"` listening adapter goes on from, updated in
+            place (a row fed in several calls with a cache); `None`: each row's frames from its start.
         labels (`torch.LongTensor` of shape `(batch, 8, seq)`): targets in input-id space, -100 ignored.
         text_logits_rows, audio_logits_rows (`torch.LongTensor` of shape `(n,)`): the sliced head used by the decoding
             engine: when either is given, only the text columns of the rows `text_logits_rows` and the audio columns
@@ -668,6 +728,7 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
             use_cache=use_cache,
             listen_features=listen_features,
             listen_feature_mask=listen_feature_mask,
+            listen_state=listen_state,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -709,6 +770,7 @@ __all__ = [
     "MiniOmni2Codec",
     "MiniOmni2Adapter",
     "MiniOmni2ListenConvAdapter",
+    "MiniOmni2ListenRecurrentAdapter",
     "native_bfloat16",
     "resolve_dtype",
 ]

@@ -107,6 +107,11 @@ def features_model():
 
 
 @pytest.fixture(scope="module")
+def gru_model():
+    return tiny_model(vision=False, codec=False, listen_input="features", listen_adapter="gru", seed=5)
+
+
+@pytest.fixture(scope="module")
 def codec_model():
     return tiny_model(vision=False, codec=True, seed=4)
 
@@ -414,11 +419,12 @@ def test_a_features_model_saves_and_loads(features_model, tmp_path):
 def test_the_conv_listening_adapter_hears_each_frame_as_an_image_of_columns_by_mel_bins(tmp_path):
     """listen_adapter="conv": convolutions over a frame's (columns, mel bins), torch's own initialisation (the
     library's small normal one would leave three stacked convolutions almost silent), saved and loaded as it was."""
-    from mini_omni2 import MiniOmni2ForConditionalGeneration
+    from mini_omni2 import MiniOmni2Config, MiniOmni2ForConditionalGeneration
     from mini_omni2.modeling_mini_omni2 import MiniOmni2Adapter, MiniOmni2ListenConvAdapter
     from mini_omni2.training.duplex import duplex_tiny_config
 
-    assert duplex_tiny_config().listen_adapter == "mlp"
+    assert duplex_tiny_config().listen_adapter == "gru"  # the recipe's
+    assert MiniOmni2Config().listen_adapter == "mlp"  # a config's own default: saved configs load as saved
     config = duplex_tiny_config(listen_adapter="conv", listen_feature_config={"context_frames": 2})
     assert config.listen_feature_shape == (16, 64) and config.listen_feature_dim == 16 * 64  # 2 frames x 8 columns
     torch.manual_seed(0)
@@ -440,7 +446,7 @@ def test_the_conv_listening_adapter_hears_each_frame_as_an_image_of_columns_by_m
     model.save_pretrained(tmp_path)
     loaded = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert loaded.config.listen_adapter == "conv" and torch.equal(loaded.model.listen_projector(features), out)
-    mlp = MiniOmni2ForConditionalGeneration(duplex_tiny_config()).model.listen_projector
+    mlp = MiniOmni2ForConditionalGeneration(duplex_tiny_config(listen_adapter="mlp")).model.listen_projector
     assert isinstance(mlp, MiniOmni2Adapter)
     # added to a model saved without one (a converted release): the new adapter gets the same initialisation
     tiny_model(vision=False).save_pretrained(tmp_path / "codec")
@@ -448,10 +454,75 @@ def test_the_conv_listening_adapter_hears_each_frame_as_an_image_of_columns_by_m
                                                               listen_adapter="conv").model.listen_projector
     assert isinstance(added, MiniOmni2ListenConvAdapter)
     assert added.convs[0].weight.abs().max() <= 1 / 3 and added.convs[0].weight.std() > 0.1
-    for bad, message in [({"listen_adapter": "gru"}, "listen_adapter must be one of ('mlp', 'conv'), got 'gru'"),
-                         ({"listen_conv_channels": 0}, "listen_conv_channels must be a positive integer, got 0")]:
+    for bad, message in [
+        ({"listen_adapter": "lstm"}, "listen_adapter must be one of ('mlp', 'conv', 'gru'), got 'lstm'"),
+        ({"listen_conv_channels": 0}, "listen_conv_channels must be a positive integer, got 0"),
+        ({"listen_gru_size": 0}, "listen_gru_size must be a positive integer, got 0"),
+        ({"listen_gru_layers": True}, "listen_gru_layers must be a positive integer, got True"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             duplex_tiny_config(**bad)
+
+
+def test_the_gru_listening_adapter_hears_each_row_in_order_and_carries_its_state(tmp_path):
+    """listen_adapter="gru": a GRU over each row's frames in order; a state given to embed goes on where the last
+    call stopped, so frames fed one at a time give what the whole row gives; torch's own initialisation, also when
+    the adapter is added to a model saved without one; saved and loaded as it was."""
+    from mini_omni2 import MiniOmni2ForConditionalGeneration
+    from mini_omni2.engine_mini_omni2 import MiniOmni2ListenState
+    from mini_omni2.modeling_mini_omni2 import MiniOmni2ListenRecurrentAdapter
+    from mini_omni2.training.duplex import duplex_tiny_config
+
+    config = duplex_tiny_config(listen_adapter="gru", listen_gru_size=32, listen_gru_layers=2)
+    torch.manual_seed(0)
+    model = MiniOmni2ForConditionalGeneration(config).eval()
+    adapter = model.model.listen_projector
+    assert isinstance(adapter, MiniOmni2ListenRecurrentAdapter)
+    assert adapter.gru.hidden_size == 32 and adapter.gru.num_layers == 2
+    hidden = config.text_config.hidden_size
+    assert adapter.proj.out_features == hidden
+    bound = 1 / 32 ** 0.5
+    assert adapter.gru.weight_hh_l1.abs().max() <= bound and adapter.gru.weight_hh_l1.std() > bound / 2  # U(+-bound)
+    # two rows of 5 and 3 frames at their mask's positions: each row alone, in order
+    features = torch.randn(2, 6, config.listen_feature_dim)
+    mask = torch.tensor([[False, True, True, True, True, True], [False, False, True, True, True, False]])
+    out = adapter(features[mask], mask.sum(1))
+    assert out.shape == (8, hidden)
+    alone = adapter(features[1, 2:5], torch.tensor([3]))
+    assert torch.allclose(out[5:], alone, atol=1e-6)
+    assert not torch.allclose(adapter(features[1, 2:5].flip(0), torch.tensor([3]))[-1], alone[-1])  # order matters
+    # frame by frame through embed with a state = the whole row
+    layout = config.token_layout
+    row = layout.build_listen_row(num_frames=5)
+    ids = torch.tensor(row.streams)[None]
+    whole = model.model.embed(ids, listen_features=features[:1], listen_feature_mask=mask[:1])
+    state = MiniOmni2ListenState()
+    for k in range(1, 6):
+        step = model.model.embed(ids[..., k : k + 1], listen_features=features[:1, k : k + 1],
+                                 listen_feature_mask=mask[:1, k : k + 1], listen_state=state)
+        assert torch.allclose(step[0, 0], whole[0, k], atol=1e-6)
+    assert state.hidden.shape == (2, 1, 32)
+    # the model's forward in two calls with a cache and a state = one call over the whole row
+    with torch.no_grad():
+        whole_logits = model(input_ids=ids, listen_features=features[:1], listen_feature_mask=mask[:1]).text_logits
+        state = MiniOmni2ListenState()
+        first = model(input_ids=ids[..., :3], listen_features=features[:1, :3], listen_feature_mask=mask[:1, :3],
+                      use_cache=True, listen_state=state)
+        second = model(input_ids=ids[..., 3:], listen_features=features[:1, 3:], listen_feature_mask=mask[:1, 3:],
+                       past_key_values=first.past_key_values, listen_state=state)
+    assert torch.allclose(torch.cat([first.text_logits, second.text_logits], 1), whole_logits, atol=1e-5)
+    with pytest.raises(ValueError, match="listen_state holds 1 rows, but 2 rows have frames"):
+        model.model.embed(ids[..., :1].repeat(2, 1, 1), listen_features=features[:, :1],
+                          listen_feature_mask=torch.ones(2, 1, dtype=torch.bool), listen_state=state)
+    model.save_pretrained(tmp_path)
+    loaded = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.listen_gru_size == 32 and torch.equal(loaded.model.listen_projector(features[mask], mask.sum(1)), out)
+    tiny_model(vision=False).save_pretrained(tmp_path / "codec")
+    added = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path / "codec", listen_input="features",
+                                                              listen_adapter="gru").model.listen_projector
+    assert isinstance(added, MiniOmni2ListenRecurrentAdapter) and added.gru.hidden_size == 128
+    for name, weight in added.gru.named_parameters():
+        assert weight.abs().max() <= 1 / 128 ** 0.5 and weight.std() > 0.02, name
 
 
 def test_a_model_keeps_its_listening_rule_in_its_config(tmp_path):
@@ -522,10 +593,10 @@ def _teacher_forced(model, frames):
     return layout.listen_irq_probability(logits)
 
 
-@pytest.mark.parametrize("kind", ["features", "codec"])
-def test_listener_steps_equal_the_whole_row(kind, features_model, codec_model):
-    model = features_model if kind == "features" else codec_model
-    if kind == "features":
+@pytest.mark.parametrize("kind", ["features", "codec", "gru"])
+def test_listener_steps_equal_the_whole_row(kind, features_model, codec_model, gru_model):
+    model = {"features": features_model, "codec": codec_model, "gru": gru_model}[kind]
+    if kind != "codec":
         frames = torch.randn(2, 9, model.config.listen_feature_dim)
     else:
         frames = torch.randint(0, model.config.audio_codebook_size, (2, 9, 7))
@@ -534,12 +605,14 @@ def test_listener_steps_equal_the_whole_row(kind, features_model, codec_model):
     assert torch.allclose(stepped, _teacher_forced(model, frames), atol=1e-5)
 
 
-def test_listener_window_restarts_with_the_last_frames(features_model):
-    frames = torch.randn(1, 10, features_model.config.listen_feature_dim)
-    windowed = MiniOmni2Listener(features_model, window_frames=6, refeed_frames=2).run(frames)
-    assert torch.allclose(windowed[:, :6], _teacher_forced(features_model, frames[:, :6]), atol=1e-5)
-    # after 6 frames: a fresh row that heard frames 4, 5 again, then 6..9
-    assert torch.allclose(windowed[:, 6:], _teacher_forced(features_model, frames[:, 4:])[:, 2:], atol=1e-5)
+@pytest.mark.parametrize("kind", ["features", "gru"])
+def test_listener_window_restarts_with_the_last_frames(kind, features_model, gru_model):
+    model = features_model if kind == "features" else gru_model
+    frames = torch.randn(1, 10, model.config.listen_feature_dim)
+    windowed = MiniOmni2Listener(model, window_frames=6, refeed_frames=2).run(frames)
+    assert torch.allclose(windowed[:, :6], _teacher_forced(model, frames[:, :6]), atol=1e-5)
+    # after 6 frames: a fresh row (a fresh adapter state too) that heard frames 4, 5 again, then 6..9
+    assert torch.allclose(windowed[:, 6:], _teacher_forced(model, frames[:, 4:])[:, 2:], atol=1e-5)
     with pytest.raises(ValueError, match="refeed_frames"):
         MiniOmni2Listener(features_model, window_frames=3, refeed_frames=3)
 
@@ -687,10 +760,12 @@ def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, process
 
 
 # ----- a small model learns it (trained here: nothing pre-trained is shipped) ----------------------------------------
-def test_a_small_trained_model_detects_the_command_on_held_out_clips(tmp_path):
+@pytest.mark.parametrize("adapter", ["mlp", "gru"])
+def test_a_small_trained_model_detects_the_command_on_held_out_clips(adapter, tmp_path):
     """~15 s: a tiny model trains for 150 steps on 160 easy clips (noise and tones, 10-20 dB, no near misses), then
     runs held-out clips (unheard voices; pink noise and chords, never heard) step by step: the command is detected in
-    each, and pink noise alone does not interrupt. The full proof is benchmarks/bench_duplex.py."""
+    each, and pink noise alone does not interrupt. With either listening adapter (the GRU carries its state from step
+    to step). The full proof is benchmarks/bench_duplex.py."""
     from mini_omni2 import MiniOmni2ForConditionalGeneration
     from mini_omni2.tiny import tiny_processor
     from mini_omni2.training.duplex import (
@@ -703,7 +778,7 @@ def test_a_small_trained_model_detects_the_command_on_held_out_clips(tmp_path):
     from mini_omni2.training.duplex_data import make_clip
 
     torch.manual_seed(0)
-    model = MiniOmni2ForConditionalGeneration(duplex_tiny_config(adapter_intermediate_size=128))
+    model = MiniOmni2ForConditionalGeneration(duplex_tiny_config(adapter_intermediate_size=128, listen_adapter=adapter))
     front_end = model.listen_front_end()
     easy = dict(positive_fraction=0.5, near_miss_fraction=0.0, lead_seconds=(0.5, 2.0), tail_seconds=(0.5, 1.5),
                 negative_seconds=(2.0, 3.5), snr_db=(10.0, 20.0))
@@ -736,15 +811,20 @@ def _bench_duplex():
     return bench
 
 
-def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model):
+def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model, gru_model):
     """The code path of ``bench_duplex.py --cost``: one spoken answer on the engine, with and without its listening
-    row (timed for real at the released sizes, not here)."""
+    row (timed for real at the released sizes, not here); ``--listen-adapter`` picks the features' adapter."""
     bench = _bench_duplex()
-    for model in (features_model, codec_model):
+    for model in (features_model, codec_model, gru_model):
         row = bench.listen_cost(model, context=8, steps=2, warmup=1)
         assert row["listen_input"] == model.config.listen_input
+        assert row["listen_adapter"] == (None if model is codec_model else model.config.listen_adapter)
         assert row["steps_per_s_without"] > 0 and row["steps_per_s_with_listening_row"] > 0
         assert row["front_end_ms_per_frame"] > 0 and abs(row["realtime_steps_per_s"] - 24000 / 2048) < 1e-9
+    args = bench.build_parser().parse_args(["--cost", "--cost-size", "tiny", "--listen-adapter", "gru",
+                                            "--cost-steps", "2", "--cost-context", "8", "--cpu"])
+    rows = bench.cost(args)["results"]
+    assert [(r["listen_input"], r["listen_adapter"]) for r in rows] == [("features", "gru"), ("codec", None)]
 
 
 def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(capsys):
@@ -756,15 +836,16 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                           (["--distillation-weight", "2"],
                            "--distillation-weight: the distillation weight must be in [0, 1], got 2"),
                           (["--teachers", "-1"], "--teachers: must be >= 0, got -1"),
-                          (["--listen-adapter", "gru"], "--listen-adapter: invalid choice: 'gru'"),
+                          (["--listen-adapter", "lstm"], "--listen-adapter: invalid choice: 'lstm'"),
                           (["--positive-fraction", "1.2"], "--positive-fraction: must be a fraction in [0, 1], got 1.2"),
                           (["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],
                            "positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1, got 0.8 and 0.3")]:
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert message in capsys.readouterr().err
-    conv = bench.new_model(bench.build_parser().parse_args(["--listen-adapter", "conv"]), seed=0)
-    assert conv.config.listen_adapter == "conv" and conv.config.text_config.hidden_size == 128
+    for adapter in ("conv", "gru"):
+        model = bench.new_model(bench.build_parser().parse_args(["--listen-adapter", adapter]), seed=0)
+        assert model.config.listen_adapter == adapter and model.config.text_config.hidden_size == 128
 
 
 def test_the_proof_benchmark_distils_its_teachers_and_reads_them_back(tmp_path, capsys):
@@ -937,7 +1018,7 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     assert summary["steps"] == 1 and summary["examples"] == 4 and summary["listen_rule"] is None  # kept the model's
     assert summary["teachers"] == [str(out)]
     assert MiniOmni2Config.from_pretrained(tmp_path / "kinds").listen_adapter == "conv"
-    assert MiniOmni2Config.from_pretrained(out).listen_adapter == "mlp"
+    assert MiniOmni2Config.from_pretrained(out).listen_adapter == "gru"  # the recipe's, by default
 
 
 class _Line(torch.nn.Module):
