@@ -1221,7 +1221,7 @@ class ListenGroup(EngineGroup):
         self.device = next(model.parameters()).device
         self._frames: collections.deque[torch.Tensor] = collections.deque()  # appended by any thread
         self._feeding: torch.Tensor | None = None
-        self._heard = MiniOmni2ListenState()  # a recurrent listening adapter's state (features input)
+        self._adapter_state = MiniOmni2ListenState()  # what a recurrent listening adapter has heard
         self._run = 0
         self._stop = False
         self.heard = 0  # frames read
@@ -1312,7 +1312,9 @@ class ListenGroup(EngineGroup):
         ids = self.next_ids()[:, :, None]
         features = self._feeding.to(self.device, torch.float32)[None, None]
         mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
-        embeds = self.model.model.embed(ids, listen_features=features, listen_feature_mask=mask, listen_state=self._heard)
+        embeds = self.model.model.embed(
+            ids, listen_features=features, listen_feature_mask=mask, listen_state=self._adapter_state
+        )
         return {0: embeds[0, 0]}
 
     def advance(self, text_scores: torch.Tensor | None, audio_scores: torch.Tensor | None) -> None:
