@@ -481,8 +481,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["cost"] = cost(args)
         for row in result["cost"]["results"]:
             adapter = f" ({row['listen_adapter']} adapter)" if row["listen_adapter"] else ""
-            print(f"{args.cost_size} sizes, listen_input={row['listen_input']}{adapter}: {row['steps_per_s_without']:.1f} "
-                  f"steps/s without, {row['steps_per_s_with_listening_row']:.1f} with the listening row "
+            print(f"{args.cost_size} sizes, listen_input={row['listen_input']}{adapter}: "
+                  f"{row['steps_per_s_without']:.1f} steps/s without, {row['steps_per_s_with_listening_row']:.1f} with the listening row "
                   f"(x{row['slowdown']:.2f}); front end {row['front_end_ms_per_frame']:.2f} ms/frame; "
                   f"real time needs {row['realtime_steps_per_s']:.1f} steps/s")
     else:

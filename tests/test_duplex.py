@@ -424,6 +424,7 @@ def test_the_conv_listening_adapter_hears_each_frame_as_an_image_of_columns_by_m
     from mini_omni2.training.duplex import duplex_tiny_config
 
     assert duplex_tiny_config().listen_adapter == "gru"  # the recipe's
+    assert duplex_tiny_config("codec").listen_adapter == "mlp"  # codec input needs no adapter: the config's default
     assert MiniOmni2Config().listen_adapter == "mlp"  # a config's own default: saved configs load as saved
     config = duplex_tiny_config(listen_adapter="conv", listen_feature_config={"context_frames": 2})
     assert config.listen_feature_shape == (16, 64) and config.listen_feature_dim == 16 * 64  # 2 frames x 8 columns

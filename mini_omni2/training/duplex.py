@@ -64,16 +64,17 @@ DUPLEX_TINY_TEXT = {**TINY_TEXT, "rope_parameters": {"rope_type": "default", "ro
 
 
 def duplex_tiny_config(listen_input: str = LISTEN_FEATURES, text: dict | None = None, **overrides):
-    """A tiny Mini-Omni config (no vision) for the listening row, with the recipe's adapter (:data:`LISTEN_ADAPTER`)
-    unless told otherwise; a codec only for ``listen_input="codec"``."""
+    """A tiny Mini-Omni config (no vision) for the listening row: features through the recipe's adapter
+    (:data:`LISTEN_ADAPTER`) unless told otherwise, or the codec's tokens (``listen_input="codec"``, with a codec)."""
     from ..tiny import tiny_config
 
+    features = listen_input == LISTEN_FEATURES
     return tiny_config(
         vision=False,
-        codec=listen_input != LISTEN_FEATURES,
+        codec=not features,
         listen_input=listen_input,
         text_config={**DUPLEX_TINY_TEXT, **(text or {})},
-        **{"listen_adapter": LISTEN_ADAPTER, **overrides},
+        **{**({"listen_adapter": LISTEN_ADAPTER} if features else {}), **overrides},
     )
 
 
