@@ -4,11 +4,11 @@ Runs offline on a tiny random model with synthetic clips (espeak-ng voices over 
 
     python examples/train_duplex.py --output-dir runs/duplex --train-clips 2000 --max-steps 1500
 
-Add duplex to a converted checkpoint (a new, randomly initialised listening adapter for the features input), mixed
-with stage-3 data of the example format (docs/training.md):
+Add duplex to a converted checkpoint (a new, randomly initialised listening adapter for the features input: the
+recipe's GRU), mixed with stage-3 data of the example format (docs/training.md):
 
-    python examples/train_duplex.py --model ./mini-omni2-hf --listen-input features --train-file stage3.jsonl \
-        --output-dir runs/duplex
+    python examples/train_duplex.py --model ./mini-omni2-hf --listen-input features --listen-adapter gru \
+        --train-file stage3.jsonl --output-dir runs/duplex
 
 The clips come from ``mini_omni2.training.duplex_data.duplex_generator`` through ``datasets.Dataset.from_generator``
 and the model's own listening front end; every row is a listening row whose labels are its frames' states. Then the
