@@ -162,13 +162,10 @@ class MiniOmni2ListenRecurrentAdapter(nn.Module):
         if hidden is not None and hidden.shape[1] != len(counts):
             raise ValueError(f"listen_state holds {hidden.shape[1]} rows, but {len(counts)} rows have frames")
         inner = self.fc_2(F.silu(self.fc_1(frames)))
-        rows = nn.utils.rnn.pad_sequence(inner.split(counts), batch_first=True)
-        packed = nn.utils.rnn.pack_padded_sequence(rows, torch.tensor(counts), batch_first=True, enforce_sorted=False)
-        out, hidden = self.gru(packed, hidden)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        out, hidden = self.gru(nn.utils.rnn.pack_sequence(inner.split(counts), enforce_sorted=False), hidden)
         if state is not None:
             state.hidden = hidden
-        return self.proj(torch.cat([row[:count] for row, count in zip(out, counts)]))
+        return self.proj(torch.cat(nn.utils.rnn.unpack_sequence(out)))
 
 
 def _torch_default_init(layer: nn.Module) -> None:
