@@ -31,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mini_omni2 import MiniOmni2Config  # noqa: E402
 from mini_omni2.training.duplex import (  # noqa: E402
     EVALUATION_TAIL_SECONDS,
     LISTEN_ADAPTER,
@@ -151,6 +152,14 @@ def choose_rule(model, validation, probabilities, args) -> tuple[float, int, lis
     return rule.threshold, rule.min_frames, sweep
 
 
+def parse_width(text: str) -> int:
+    """A width option (``--gru-size``): an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
 def new_model(args, seed: int):
     """The proof's tiny model (``duplex_tiny_config`` at the sizes of the options), initialised from ``seed``."""
     import torch
@@ -164,6 +173,7 @@ def new_model(args, seed: int):
               "head_dim": args.hidden // 4},
         adapter_intermediate_size=args.adapter,
         listen_adapter=args.listen_adapter,
+        listen_gru_size=args.gru_size,
         listen_feature_config={"num_mel_bins": args.mel_bins},
     )
     return MiniOmni2ForConditionalGeneration(config)
@@ -305,6 +315,7 @@ def proof(args) -> dict:
                "language_model_parameters": sum(p.numel() for p in model.model.language_model.parameters()),
                "listen_projector_parameters": sum(p.numel() for p in model.model.listen_projector.parameters()),
                "text_config": {k: getattr(model.config.text_config, k) for k in ("hidden_size", "num_hidden_layers")},
+               "listen_adapter": model.config.listen_adapter, "listen_gru_size": model.config.listen_gru_size,
                "listen_feature_config": model.config.listen_feature_config},
         settings={k: v for k, v in vars(args).items() if k not in ("json",)},
     )
@@ -440,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--adapter", type=int, default=256, help="intermediate width of the listening adapter")
+    parser.add_argument("--gru-size", type=argument_type(parse_width), default=MiniOmni2Config.listen_gru_size,
+                        help="width of the GRU listening adapter (--listen-adapter gru)")
     parser.add_argument("--mel-bins", type=int, default=64, help="log-mel bins of the listening features")
     parser.add_argument("--mask-bands", type=int, default=0, help="mel bands masked per training row (SpecAugment)")
     parser.add_argument("--mask-width", type=int, default=8, help="widest masked band, in mel bins")

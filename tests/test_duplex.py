@@ -838,6 +838,7 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                            "--distillation-weight: the distillation weight must be in [0, 1], got 2"),
                           (["--teachers", "-1"], "--teachers: must be >= 0, got -1"),
                           (["--listen-adapter", "lstm"], "--listen-adapter: invalid choice: 'lstm'"),
+                          (["--gru-size", "0"], "--gru-size: must be >= 1, got 0"),
                           (["--positive-fraction", "1.2"], "--positive-fraction: must be a fraction in [0, 1], got 1.2"),
                           (["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],
                            "positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1, got 0.8 and 0.3")]:
@@ -847,6 +848,8 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
     for adapter in ("conv", "gru"):
         model = bench.new_model(bench.build_parser().parse_args(["--listen-adapter", adapter]), seed=0)
         assert model.config.listen_adapter == adapter and model.config.text_config.hidden_size == 128
+    model = bench.new_model(bench.build_parser().parse_args(["--gru-size", "32"]), seed=0)
+    assert model.config.listen_gru_size == 32 and model.model.listen_projector.gru.hidden_size == 32
 
 
 def test_the_proof_benchmark_distils_its_teachers_and_reads_them_back(tmp_path, capsys):
