@@ -742,6 +742,30 @@ def test_extra_backgrounds_hum_sweeps_clatter_and_mixtures_of_two_kinds():
         make_clip("train", 0, kinds=())
 
 
+def test_background_talkers_may_say_made_up_words_that_are_never_the_command_or_a_real_word():
+    from mini_omni2.training.duplex_data import (COMMAND_TEXTS, NEAR_MISSES, WORDS, _pool_utterance, make_clip,
+                                                 pseudo_word)
+
+    words = [pseudo_word(np.random.default_rng([7, i])) for i in range(2000)]
+    assert words == [pseudo_word(np.random.default_rng([7, i])) for i in range(2000)]
+    assert len(set(words)) > 1500 and all(w.isalpha() and w.islower() for w in words)
+    forbidden = {w.strip(",.!").lower() for t in COMMAND_TEXTS + NEAR_MISSES for w in t.split()}
+    assert not set(words) & (forbidden | set(WORDS["train"]) | set(WORDS["test"]))
+    assert sum("om" in w and "n" in w.split("om", 1)[1][:2] for w in words) >= 1  # "omni"-like sounds occur
+    # a pool of its own: entry k with made-up words is not entry k of the split's sentences
+    assert not np.array_equal(_pool_utterance("train", 3, pseudo=True)[0], _pool_utterance("train", 3)[0])
+    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0))
+    for kind, changes in (("speech", True), ("white", False)):
+        plain = make_clip("train", 0, seed=1, kinds=(kind,), **short)
+        made_up = make_clip("train", 0, seed=1, kinds=(kind,), pseudo_word_fraction=1.0, **short)
+        assert made_up["spoken"] == plain["spoken"] and made_up["command_start"] == plain["command_start"]
+        assert (not np.array_equal(made_up["audio"], plain["audio"])) == changes  # only talkers change
+    assert np.array_equal(make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.0, **short)["audio"],
+                          make_clip("train", 0, seed=1, kinds=("speech",), **short)["audio"])
+    with pytest.raises(ValueError, match=r"pseudo_word_fraction must be in \[0, 1\], got 1.5"):
+        make_clip("train", 0, pseudo_word_fraction=1.5)
+
+
 def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):
     import datasets
 
@@ -840,6 +864,7 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                           (["--listen-adapter", "lstm"], "--listen-adapter: invalid choice: 'lstm'"),
                           (["--gru-size", "0"], "--gru-size: must be >= 1, got 0"),
                           (["--positive-fraction", "1.2"], "--positive-fraction: must be a fraction in [0, 1], got 1.2"),
+                          (["--pseudo-word-fraction", "-1"], "--pseudo-word-fraction: must be a fraction in [0, 1], got -1"),
                           (["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],
                            "positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1, got 0.8 and 0.3")]:
         with pytest.raises(SystemExit):
@@ -1003,13 +1028,15 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
         script.build_parser().parse_args(["--output-dir", "x", "--val-clips", "-1"])
     args = script.build_parser().parse_args(["--output-dir", "x", "--tail-seconds", "0",
                                              "--train-kinds", "hum,speech", "--mixture-fraction", "0.5",
-                                             "--positive-fraction", "0.7", "--near-miss-fraction", "0.1"])
+                                             "--positive-fraction", "0.7", "--near-miss-fraction", "0.1",
+                                             "--pseudo-word-fraction", "0.5"])
     from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
 
     assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999, "distillation_weight": 0.5}
     assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5, "positive_fraction": 0.7,
-                                 "near_miss_fraction": 0.1}
-    for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"],  # a share outside [0, 1], or their sum over 1
+                                 "near_miss_fraction": 0.1, "pseudo_word_fraction": 0.5}
+    for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"], ["--pseudo-word-fraction", "2"],
+                # a share outside [0, 1], or the sum of positives and near misses over 1
                 ["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"]):
         with pytest.raises(SystemExit):
             script.main(["--output-dir", str(tmp_path / "refused"), *bad])

@@ -52,6 +52,8 @@ LISTEN_WEIGHT_AVERAGING_DECAY = 0.999
 #: misses (:func:`~.duplex_data.make_clip`; the rest are background alone). The held-out clips keep make_clip's own.
 LISTEN_POSITIVE_FRACTION = 0.5
 LISTEN_NEAR_MISS_FRACTION = 0.25
+#: ... and the share of their background talkers' utterances with made-up words (:func:`~.duplex_data.pseudo_word`).
+LISTEN_PSEUDO_WORD_FRACTION = 0.0
 
 #: The recipe's listening adapter (``config.listen_adapter``): a GRU over the row's frames, which detected 4 points
 #: more than the MLP at the rule chosen on validation over four clip seeds (docs/duplex.md, runs 84-88). A model's
@@ -302,7 +304,7 @@ def parse_count(text: str) -> int:
 def add_listen_training_arguments(parser) -> None:
     """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
     ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction``, ``--positive-fraction``,
-    ``--near-miss-fraction`` and ``--distillation-weight``. Their values are
+    ``--near-miss-fraction``, ``--pseudo-word-fraction`` and ``--distillation-weight``. Their values are
     checked while parsing (:func:`argument_type`), so a bad one is refused before any clip is made;
     :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them into keywords."""
     parser.add_argument("--tail-seconds", type=argument_type(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
@@ -319,6 +321,9 @@ def add_listen_training_arguments(parser) -> None:
                         help="share of those clips with the command")
     parser.add_argument("--near-miss-fraction", type=argument_type(parse_fraction), default=LISTEN_NEAR_MISS_FRACTION,
                         help="share of those clips with a near miss instead (with --positive-fraction: <= 1 in all)")
+    parser.add_argument("--pseudo-word-fraction", type=argument_type(parse_fraction),
+                        default=LISTEN_PSEUDO_WORD_FRACTION,
+                        help="share of those clips' background utterances with made-up words (docs/duplex.md)")
     parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
@@ -400,7 +405,8 @@ def clip_kwargs(args) -> dict[str, Any]:
 
     check_clip_fractions(args.positive_fraction, args.near_miss_fraction)
     return {"kinds": args.train_kinds, "mixture_fraction": args.mixture_fraction,
-            "positive_fraction": args.positive_fraction, "near_miss_fraction": args.near_miss_fraction}
+            "positive_fraction": args.positive_fraction, "near_miss_fraction": args.near_miss_fraction,
+            "pseudo_word_fraction": args.pseudo_word_fraction}
 
 
 # ----- evaluation --------------------------------------------------------------------------------------------------

@@ -120,6 +120,28 @@ walk talk run read write sing swim climb build carry cook drive draw listen lear
 #: Background words per split (alternate words of the list): the test split's sentences use none of train's words.
 WORDS = {"train": tuple(_WORDS[0::2]), "test": tuple(_WORDS[1::2])}
 
+#: Made-up words for background talkers (``make_clip(pseudo_word_fraction=...)``), spelled from these syllable parts
+#: and read by espeak-ng's letter rules. The 135 words of a split cover few of the sounds of the other's: the test
+#: split's "company", "computer", "money" sound like "omni" to rows that never heard such words from a background
+#: talker (docs/duplex.md, runs 95-98), so a training talker may say sounds that are *not* the command.
+PSEUDO_ONSETS = ("", "", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
+                 "bl", "br", "cl", "cr", "dr", "fl", "gr", "pl", "pr", "sk", "sl", "sp", "st", "str", "tr", "sh", "ch",
+                 "th", "qu")
+PSEUDO_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "u", "ai", "ay", "ee", "ea", "oo", "ou", "ow", "oi", "y")
+PSEUDO_CODAS = ("", "", "", "", "m", "n", "p", "t", "k", "s", "l", "r", "mp", "mb", "nt", "nd", "ng", "st", "ck", "sh")
+#: Spellings a made-up word may not take: the command's and near misses' words, and every split's real words.
+_NOT_PSEUDO = frozenset(w.strip(",.!").lower() for t in COMMAND_TEXTS + NEAR_MISSES for w in t.split()) | set(_WORDS)
+
+
+def pseudo_word(rng: np.random.Generator) -> str:
+    """A made-up word of 1-4 syllables (:data:`PSEUDO_ONSETS` x :data:`PSEUDO_VOWELS` x :data:`PSEUDO_CODAS`), never
+    a word of the command, the near misses or :data:`WORDS`."""
+    while True:
+        word = "".join(PSEUDO_ONSETS[rng.integers(len(PSEUDO_ONSETS))] + PSEUDO_VOWELS[rng.integers(len(PSEUDO_VOWELS))]
+                       + PSEUDO_CODAS[rng.integers(len(PSEUDO_CODAS))] for _ in range(int(rng.integers(1, 5))))
+        if word not in _NOT_PSEUDO:
+            return word
+
 
 # ----- voices ------------------------------------------------------------------------------------------------------
 def _tool(name: str, needed_by: str) -> str:
@@ -333,22 +355,32 @@ SPEECH_POOL_SIZE = {"train": 600, "test": 200}
 PHRASE_POOL_SIZE = {"train": 300, "test": 100}
 
 
-def _pool_utterance(split: str, entry: int, phrase: str | None = None) -> tuple[np.ndarray, str]:
-    """Pool entry ``entry`` of the split's background sentences (``phrase`` None) or of ``phrase``; and its voice."""
-    rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{phrase or ''}".encode()), entry])
+def _pool_utterance(split: str, entry: int, phrase: str | None = None, pseudo: bool = False) -> tuple[np.ndarray, str]:
+    """Pool entry ``entry`` of the split's background sentences (``phrase`` None), of its sentences of made-up words
+    (``pseudo``: half of the words made up, :func:`pseudo_word`) or of ``phrase``; and its voice."""
+    rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{'pseudo' if pseudo else phrase or ''}".encode()), entry])
     voices = split_voices(split)
-    text = phrase if phrase else " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
+    if phrase:
+        text = phrase
+    elif pseudo:
+        text = " ".join(pseudo_word(rng) if rng.random() < 0.5 else str(rng.choice(WORDS[split]))
+                        for _ in range(int(rng.integers(4, 11))))
+    else:
+        text = " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
     if FLITE_FRACTION[split] > 0 and rng.random() < FLITE_FRACTION[split]:  # no draw at 0: the same pools as before
         voices = [FLITE_PREFIX + name for name in FLITE_VOICES]
     voice = voices[rng.integers(len(voices))]
     return speak(text, voice, int(rng.integers(130, 221)), int(rng.integers(20, 81))), voice
 
 
-def _talker(rng: np.random.Generator, n: int, split: str) -> np.ndarray:
-    """One talker's turn of ``n`` samples: utterances of the split's pool with short pauses, from a random offset."""
+def _talker(rng: np.random.Generator, n: int, split: str, pseudo_word_fraction: float = 0.0) -> np.ndarray:
+    """One talker's turn of ``n`` samples: utterances of the split's pool with short pauses, from a random offset; a
+    ``pseudo_word_fraction`` of them from its pool of sentences with made-up words."""
     pieces, total = [], 0
     while total < n:
-        speech, _ = _pool_utterance(split, int(rng.integers(SPEECH_POOL_SIZE[split])))
+        entry = int(rng.integers(SPEECH_POOL_SIZE[split]))
+        pseudo = pseudo_word_fraction > 0 and rng.random() < pseudo_word_fraction  # no draw at 0: the same clips
+        speech, _ = _pool_utterance(split, entry, pseudo=pseudo)
         pause = np.zeros(int(CLIP_SAMPLING_RATE * rng.uniform(0.05, 0.6)), dtype=np.float32)
         pieces += [speech, pause]
         total += len(speech) + len(pause)
@@ -396,8 +428,9 @@ def _clatter(rng: np.random.Generator, n: int) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-def background(kind: str, n: int, rng: np.random.Generator, split: str) -> np.ndarray:
-    """``n`` samples of a background of ``kind`` (one of :data:`KINDS` or :data:`EXTRA_KINDS`), at unit RMS."""
+def background(kind: str, n: int, rng: np.random.Generator, split: str, pseudo_word_fraction: float = 0.0) -> np.ndarray:
+    """``n`` samples of a background of ``kind`` (one of :data:`KINDS` or :data:`EXTRA_KINDS`), at unit RMS; its
+    talkers say sentences with made-up words for a ``pseudo_word_fraction`` of their utterances."""
     if kind in ("white", "pink", "brown"):
         audio = _coloured_noise(rng, n, {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind])
     elif kind in ("tones", "chords"):
@@ -409,9 +442,9 @@ def background(kind: str, n: int, rng: np.random.Generator, split: str) -> np.nd
     elif kind == "clatter":
         audio = _clatter(rng, n)
     elif kind == "speech":
-        audio = _talker(rng, n, split)
+        audio = _talker(rng, n, split, pseudo_word_fraction)
     elif kind == "babble":
-        audio = sum(_talker(rng, n, split) for _ in range(int(rng.integers(3, 7))))
+        audio = sum(_talker(rng, n, split, pseudo_word_fraction) for _ in range(int(rng.integers(3, 7))))
     else:
         check_kinds([kind])  # raises: every known kind is handled above
     return (audio / _rms(audio)).astype(np.float32)
@@ -443,10 +476,10 @@ def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def check_mixture_fraction(mixture_fraction: float) -> None:
-    """A ValueError unless ``mixture_fraction`` (of :func:`make_clip`) is in [0, 1]."""
+def check_mixture_fraction(mixture_fraction: float, name: str = "mixture_fraction") -> None:
+    """A ValueError unless ``mixture_fraction`` (of :func:`make_clip`; or its ``name`` share) is in [0, 1]."""
     if not 0 <= mixture_fraction <= 1:
-        raise ValueError(f"mixture_fraction must be in [0, 1], got {mixture_fraction}")
+        raise ValueError(f"{name} must be in [0, 1], got {mixture_fraction}")
 
 
 def check_clip_fractions(positive_fraction: float, near_miss_fraction: float) -> None:
@@ -476,6 +509,7 @@ def make_clip(
     level_db: tuple[float, float] = (-35.0, -15.0),
     kinds: Sequence[str] | None = None,
     mixture_fraction: float = 0.0,
+    pseudo_word_fraction: float = 0.0,
 ) -> dict:
     """Clip ``index`` of ``split``: deterministic in ``(seed, split, index)``.
 
@@ -483,13 +517,16 @@ def make_clip(
     background), then ``tail_seconds`` of background; a negative is ``negative_seconds`` of background, with a near
     miss in place of the command for ``near_miss_fraction`` of all clips. The phrase is an utterance of the split's
     pool made the clip's own by :func:`perturb` (``speed_perturbation``). A ``mixture_fraction`` of the clips mix a
-    second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). The mix is
+    second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). Talkers of
+    the background say sentences with made-up words (:func:`pseudo_word`) for ``pseudo_word_fraction`` of their
+    utterances. The mix is
     scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz),
     ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
     """
     _check_split(split)
     check_clip_fractions(positive_fraction, near_miss_fraction)
     check_mixture_fraction(mixture_fraction)
+    check_mixture_fraction(pseudo_word_fraction, "pseudo_word_fraction")
     kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     draw = rng.random()
@@ -512,10 +549,10 @@ def make_clip(
     else:
         total = max(int(rate * rng.uniform(*negative_seconds)), len(utterance) + rate)
         lead = int(rng.integers(0, total - len(utterance) + 1))
-    audio = background(kind, total, rng, split)
+    audio = background(kind, total, rng, split, pseudo_word_fraction)
     if mixture_fraction > 0 and rng.random() < mixture_fraction:  # no draw without mixtures: the same clips as before
         second = kinds[rng.integers(len(kinds))]
-        audio = audio + 10 ** (-rng.uniform(0.0, 15.0) / 20) * background(second, total, rng, split)
+        audio = audio + 10 ** (-rng.uniform(0.0, 15.0) / 20) * background(second, total, rng, split, pseudo_word_fraction)
         audio /= _rms(audio)
         kind = f"{kind}+{second}"
     snr, level = float(rng.uniform(*snr_db)), float(rng.uniform(*level_db))
@@ -603,6 +640,7 @@ __all__ = [
     "check_kinds",
     "check_mixture_fraction",
     "WORDS",
+    "pseudo_word",
     "split_voices",
     "speak",
     "background",
