@@ -864,7 +864,8 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                           (["--listen-adapter", "lstm"], "--listen-adapter: invalid choice: 'lstm'"),
                           (["--gru-size", "0"], "--gru-size: must be >= 1, got 0"),
                           (["--positive-fraction", "1.2"], "--positive-fraction: must be a fraction in [0, 1], got 1.2"),
-                          (["--pseudo-word-fraction", "-1"], "--pseudo-word-fraction: must be a fraction in [0, 1], got -1"),
+                          (["--pseudo-word-fraction", "-1"],
+                           "--pseudo-word-fraction: must be a fraction in [0, 1], got -1"),
                           (["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],
                            "positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1, got 0.8 and 0.3")]:
         with pytest.raises(SystemExit):

@@ -1,11 +1,11 @@
 """Synthetic data for duplex interruption (Mini-Omni2 §4.3; docs/duplex.md): "stop omni" spoken over backgrounds.
 
 A clip is a background (speech of espeak-ng voices, and on request flite's, at random speeds and pitches saying random
-sentences, or noise/music-like signals: white, pink, brown noise, tones, chords, babble; on request hum, sweeps,
-clatter, and mixtures of two kinds), into which a spoken "stop omni" in a random voice is mixed at a random level,
-followed by a 0-10 s tail of background. Its listening frames are labelled ``n_irq`` before the tail and ``irq`` from
-the frame in which the command ends (:func:`frame_labels`). Negatives have no command, or a near miss ("stop", "omni",
-"stop on me", "top omni") in its place.
+sentences, on request with made-up words among them, or noise/music-like signals: white, pink, brown noise, tones,
+chords, babble; on request hum, sweeps, clatter, and mixtures of two kinds), into which a spoken "stop omni" in a
+random voice is mixed at a random level, followed by a 0-10 s tail of background. Its listening frames are labelled
+``n_irq`` before the tail and ``irq`` from the frame in which the command ends (:func:`frame_labels`). Negatives have
+no command, or a near miss ("stop", "omni", "stop on me", "top omni") in its place.
 
 Clips are made at 16 kHz (a microphone's rate); the model hears them through the listening front end
 (:class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`), which resamples them exactly as it does a live
@@ -428,7 +428,9 @@ def _clatter(rng: np.random.Generator, n: int) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-def background(kind: str, n: int, rng: np.random.Generator, split: str, pseudo_word_fraction: float = 0.0) -> np.ndarray:
+def background(
+    kind: str, n: int, rng: np.random.Generator, split: str, pseudo_word_fraction: float = 0.0
+) -> np.ndarray:
     """``n`` samples of a background of ``kind`` (one of :data:`KINDS` or :data:`EXTRA_KINDS`), at unit RMS; its
     talkers say sentences with made-up words for a ``pseudo_word_fraction`` of their utterances."""
     if kind in ("white", "pink", "brown"):
@@ -476,10 +478,15 @@ def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def check_mixture_fraction(mixture_fraction: float, name: str = "mixture_fraction") -> None:
-    """A ValueError unless ``mixture_fraction`` (of :func:`make_clip`; or its ``name`` share) is in [0, 1]."""
-    if not 0 <= mixture_fraction <= 1:
-        raise ValueError(f"{name} must be in [0, 1], got {mixture_fraction}")
+def check_fraction(value: float, name: str) -> None:
+    """A ValueError unless the share ``name`` of :func:`make_clip` is in [0, 1]."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_mixture_fraction(mixture_fraction: float) -> None:
+    """A ValueError unless ``mixture_fraction`` (of :func:`make_clip`) is in [0, 1]."""
+    check_fraction(mixture_fraction, "mixture_fraction")
 
 
 def check_clip_fractions(positive_fraction: float, near_miss_fraction: float) -> None:
@@ -526,7 +533,7 @@ def make_clip(
     _check_split(split)
     check_clip_fractions(positive_fraction, near_miss_fraction)
     check_mixture_fraction(mixture_fraction)
-    check_mixture_fraction(pseudo_word_fraction, "pseudo_word_fraction")
+    check_fraction(pseudo_word_fraction, "pseudo_word_fraction")
     kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     draw = rng.random()
@@ -552,7 +559,8 @@ def make_clip(
     audio = background(kind, total, rng, split, pseudo_word_fraction)
     if mixture_fraction > 0 and rng.random() < mixture_fraction:  # no draw without mixtures: the same clips as before
         second = kinds[rng.integers(len(kinds))]
-        audio = audio + 10 ** (-rng.uniform(0.0, 15.0) / 20) * background(second, total, rng, split, pseudo_word_fraction)
+        gain = 10 ** (-rng.uniform(0.0, 15.0) / 20)  # drawn before the second background, as it always was
+        audio = audio + gain * background(second, total, rng, split, pseudo_word_fraction)
         audio /= _rms(audio)
         kind = f"{kind}+{second}"
     snr, level = float(rng.uniform(*snr_db)), float(rng.uniform(*level_db))
