@@ -646,6 +646,7 @@ __all__ = [
     "KINDS",
     "EXTRA_KINDS",
     "check_kinds",
+    "check_fraction",
     "check_mixture_fraction",
     "WORDS",
     "pseudo_word",
