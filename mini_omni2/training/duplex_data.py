@@ -122,8 +122,9 @@ WORDS = {"train": tuple(_WORDS[0::2]), "test": tuple(_WORDS[1::2])}
 
 #: Made-up words for background talkers (``make_clip(pseudo_word_fraction=...)``), spelled from these syllable parts
 #: and read by espeak-ng's letter rules. The 135 words of a split cover few of the sounds of the other's: the test
-#: split's "company", "computer", "money" sound like "omni" to rows that never heard such words from a background
-#: talker (docs/duplex.md, runs 95-98), so a training talker may say sounds that are *not* the command.
+#: split's "company", "computer", "money" sound like "omni" to rows that rarely heard such sounds from a background
+#: talker (docs/duplex.md, runs 90-94), so a training talker may say sounds that are *not* the command. Measured in
+#: runs 95-97: no gain, so the recipe does not use them.
 PSEUDO_ONSETS = ("", "", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
                  "bl", "br", "cl", "cr", "dr", "fl", "gr", "pl", "pr", "sk", "sl", "sp", "st", "str", "tr", "sh", "ch",
                  "th", "qu")
@@ -526,8 +527,7 @@ def make_clip(
     pool made the clip's own by :func:`perturb` (``speed_perturbation``). A ``mixture_fraction`` of the clips mix a
     second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). Talkers of
     the background say sentences with made-up words (:func:`pseudo_word`) for ``pseudo_word_fraction`` of their
-    utterances. The mix is
-    scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz),
+    utterances. The mix is scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz),
     ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
     """
     _check_split(split)
