@@ -44,6 +44,7 @@ from mini_omni2.training.duplex import (  # noqa: E402
     clip_kwargs,
     listen_training_kwargs,
     parse_count,
+    parse_width,
 )
 
 GOALS = {"detection": 0.95, "median_delay_ms": 500.0, "false_per_10min": MAX_FALSE_PER_10MIN}
@@ -150,14 +151,6 @@ def choose_rule(model, validation, probabilities, args) -> tuple[float, int, lis
         return args.threshold, args.min_frames or 1, sweep
     rule = choose_listen_rule(sweep, GOALS["false_per_10min"])
     return rule.threshold, rule.min_frames, sweep
-
-
-def parse_width(text: str) -> int:
-    """A width option (``--gru-size``): an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
-    return value
 
 
 def new_model(args, seed: int):
@@ -495,8 +488,9 @@ def main(argv: list[str] | None = None) -> dict:
         for row in result["cost"]["results"]:
             adapter = f" ({row['listen_adapter']} adapter)" if row["listen_adapter"] else ""
             print(f"{args.cost_size} sizes, listen_input={row['listen_input']}{adapter}: "
-                  f"{row['steps_per_s_without']:.1f} steps/s without, {row['steps_per_s_with_listening_row']:.1f} with the listening row "
-                  f"(x{row['slowdown']:.2f}); front end {row['front_end_ms_per_frame']:.2f} ms/frame; "
+                  f"{row['steps_per_s_without']:.1f} steps/s without, "
+                  f"{row['steps_per_s_with_listening_row']:.1f} with the listening row (x{row['slowdown']:.2f}); "
+                  f"front end {row['front_end_ms_per_frame']:.2f} ms/frame; "
                   f"real time needs {row['realtime_steps_per_s']:.1f} steps/s")
     else:
         result["proof"] = proof(args)

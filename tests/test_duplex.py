@@ -517,7 +517,8 @@ def test_the_gru_listening_adapter_hears_each_row_in_order_and_carries_its_state
                           listen_feature_mask=torch.ones(2, 1, dtype=torch.bool), listen_state=state)
     model.save_pretrained(tmp_path)
     loaded = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.config.listen_gru_size == 32 and torch.equal(loaded.model.listen_projector(features[mask], mask.sum(1)), out)
+    assert loaded.config.listen_gru_size == 32
+    assert torch.equal(loaded.model.listen_projector(features[mask], mask.sum(1)), out)
     tiny_model(vision=False).save_pretrained(tmp_path / "codec")
     added = MiniOmni2ForConditionalGeneration.from_pretrained(tmp_path / "codec", listen_input="features",
                                                               listen_adapter="gru").model.listen_projector

@@ -293,12 +293,21 @@ def argument_type(check):
     return parse
 
 
+def _integer_at_least(text: str, minimum: int) -> int:
+    value = int(text)
+    if value < minimum:
+        raise ValueError(f"must be >= {minimum}, got {value}")
+    return value
+
+
 def parse_count(text: str) -> int:
     """A count option (clips, teachers): an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
-    return value
+    return _integer_at_least(text, 0)
+
+
+def parse_width(text: str) -> int:
+    """A width option (``--gru-size``): an integer >= 1."""
+    return _integer_at_least(text, 1)
 
 
 def add_listen_training_arguments(parser) -> None:

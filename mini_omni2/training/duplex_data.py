@@ -527,8 +527,9 @@ def make_clip(
     pool made the clip's own by :func:`perturb` (``speed_perturbation``). A ``mixture_fraction`` of the clips mix a
     second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). Talkers of
     the background say sentences with made-up words (:func:`pseudo_word`) for ``pseudo_word_fraction`` of their
-    utterances. The mix is scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio`` (float32, 16 kHz),
-    ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where and by whom.
+    utterances. The mix is scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio``
+    (float32, 16 kHz), ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where
+    and by whom.
     """
     _check_split(split)
     check_clip_fractions(positive_fraction, near_miss_fraction)
