@@ -36,9 +36,10 @@ setup(
         "audio": ["datasets>=3.0", "torchcodec"],
         # the serving tests drive the server with the official openai SDK (its realtime client needs websockets)
         # and the voice page with selenium + the system's chromium / chromedriver (installed by scripts/install.sh test)
+        # (wordfreq: the duplex clips' common words, make_clip(common_word_fraction=...))
         "test": ["pytest", "hypothesis", "peft>=0.13", "datasets>=3.0", "evaluate", "jiwer", "fastapi", "uvicorn",
                  "websockets>=13,<16", "python-multipart", "silero-vad>=5", "soxr", "openai>=2", "selenium>=4.11",
-                 "torchao"],
+                 "torchao", "wordfreq"],
     },
     entry_points={"console_scripts": ["mini-omni2=mini_omni2.cli:main"]},
 )

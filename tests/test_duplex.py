@@ -767,6 +767,41 @@ def test_background_talkers_may_say_made_up_words_that_are_never_the_command_or_
         make_clip("train", 0, pseudo_word_fraction=1.5)
 
 
+def test_background_talkers_may_say_common_words_but_never_the_other_splits_words_or_the_command():
+    from mini_omni2.training.duplex_data import (COMMAND_TEXTS, NEAR_MISSES, WORDS, _pool_utterance, common_words,
+                                                 make_clip)
+
+    train, test = common_words("train"), common_words("test")
+    assert len(train) > 4000 and len(test) > 4000 and all(w.isascii() and w.isalpha() for w in train + test)
+    # the held-out split's words and their forms stay unheard in training, and the command's words in both splits
+    assert {"money", "computer", "program", "company"} <= set(WORDS["test"])
+    assert not {"money", "computer", "computers", "program", "programs", "company", "companies"} & set(train)
+    assert not set(WORDS["test"]) & set(train) and not set(WORDS["train"]) & set(test)
+    phrase_words = {w.strip(",.!").lower() for t in COMMAND_TEXTS + NEAR_MISSES for w in t.split()}
+    assert not ({"stopped", "stopping", "omnibus"} | phrase_words) & set(train + test)
+    assert {"honey", "common", "one"} <= set(train)  # near sounds are said by talkers who do not give the command
+    # a pool of its own: entry k with common words is neither entry k of the split's sentences nor of made-up words
+    common = _pool_utterance("train", 3, common=True)[0]
+    assert not np.array_equal(common, _pool_utterance("train", 3)[0])
+    assert not np.array_equal(common, _pool_utterance("train", 3, pseudo=True)[0])
+    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0))
+    for kind, changes in (("babble", True), ("pink", False)):
+        plain = make_clip("test", 1, seed=2, kinds=(kind,), **short)
+        spoken = make_clip("test", 1, seed=2, kinds=(kind,), common_word_fraction=1.0, **short)
+        assert spoken["spoken"] == plain["spoken"] and spoken["command_end"] == plain["command_end"]
+        assert (not np.array_equal(spoken["audio"], plain["audio"])) == changes  # only talkers change
+    # with made-up words alone, the clips are the ones made before common words existed
+    made_up = make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.5, **short)["audio"]
+    assert np.array_equal(made_up, make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.5,
+                                             common_word_fraction=0.0, **short)["audio"])
+    assert not np.array_equal(made_up, make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.5,
+                                                 common_word_fraction=0.5, **short)["audio"])
+    with pytest.raises(ValueError, match=r"common_word_fraction must be in \[0, 1\], got -0.5"):
+        make_clip("train", 0, common_word_fraction=-0.5)
+    with pytest.raises(ValueError, match=r"pseudo_word_fraction \+ common_word_fraction must be <= 1, got 0.6 \+ 0.6"):
+        make_clip("train", 0, pseudo_word_fraction=0.6, common_word_fraction=0.6)
+
+
 def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):
     import datasets
 
@@ -867,6 +902,10 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                           (["--positive-fraction", "1.2"], "--positive-fraction: must be a fraction in [0, 1], got 1.2"),
                           (["--pseudo-word-fraction", "-1"],
                            "--pseudo-word-fraction: must be a fraction in [0, 1], got -1"),
+                          (["--common-word-fraction", "1.1"],
+                           "--common-word-fraction: must be a fraction in [0, 1], got 1.1"),
+                          (["--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.7"],
+                           "pseudo_word_fraction + common_word_fraction must be <= 1, got 0.5 + 0.7"),
                           (["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],
                            "positive_fraction and near_miss_fraction must be >= 0 and sum to <= 1, got 0.8 and 0.3")]:
         with pytest.raises(SystemExit):
@@ -1031,15 +1070,16 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     args = script.build_parser().parse_args(["--output-dir", "x", "--tail-seconds", "0",
                                              "--train-kinds", "hum,speech", "--mixture-fraction", "0.5",
                                              "--positive-fraction", "0.7", "--near-miss-fraction", "0.1",
-                                             "--pseudo-word-fraction", "0.5"])
+                                             "--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.25"])
     from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
 
     assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999, "distillation_weight": 0.5}
     assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5, "positive_fraction": 0.7,
-                                 "near_miss_fraction": 0.1, "pseudo_word_fraction": 0.5}
+                                 "near_miss_fraction": 0.1, "pseudo_word_fraction": 0.5, "common_word_fraction": 0.25}
     for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"], ["--pseudo-word-fraction", "2"],
-                # a share outside [0, 1], or the sum of positives and near misses over 1
-                ["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"]):
+                # a share outside [0, 1], or the sum of positives and near misses (or of made-up and common words)
+                ["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],  # over 1
+                ["--pseudo-word-fraction", "0.8", "--common-word-fraction", "0.3"]):
         with pytest.raises(SystemExit):
             script.main(["--output-dir", str(tmp_path / "refused"), *bad])
     assert not (tmp_path / "refused").exists()

@@ -54,6 +54,8 @@ LISTEN_POSITIVE_FRACTION = 0.5
 LISTEN_NEAR_MISS_FRACTION = 0.25
 #: ... and the share of their background talkers' utterances with made-up words (:func:`~.duplex_data.pseudo_word`).
 LISTEN_PSEUDO_WORD_FRACTION = 0.0
+#: ... and with common English words (:func:`~.duplex_data.common_words`).
+LISTEN_COMMON_WORD_FRACTION = 0.0
 
 #: The recipe's listening adapter (``config.listen_adapter``): a GRU over the row's frames, which detected 4 points
 #: more than the MLP at the rule chosen on validation over four clip seeds (docs/duplex.md, runs 84-88). A model's
@@ -313,8 +315,8 @@ def parse_width(text: str) -> int:
 def add_listen_training_arguments(parser) -> None:
     """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
     ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction``, ``--positive-fraction``,
-    ``--near-miss-fraction``, ``--pseudo-word-fraction`` and ``--distillation-weight``. Their values are
-    checked while parsing (:func:`argument_type`), so a bad one is refused before any clip is made;
+    ``--near-miss-fraction``, ``--pseudo-word-fraction``, ``--common-word-fraction`` and ``--distillation-weight``.
+    Their values are checked while parsing (:func:`argument_type`), so a bad one is refused before any clip is made;
     :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them into keywords."""
     parser.add_argument("--tail-seconds", type=argument_type(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
                         help="train on each row up to this long after its first irq label (default: the detection "
@@ -333,6 +335,10 @@ def add_listen_training_arguments(parser) -> None:
     parser.add_argument("--pseudo-word-fraction", type=argument_type(parse_fraction),
                         default=LISTEN_PSEUDO_WORD_FRACTION,
                         help="share of those clips' background utterances with made-up words (docs/duplex.md)")
+    parser.add_argument("--common-word-fraction", type=argument_type(parse_fraction),
+                        default=LISTEN_COMMON_WORD_FRACTION,
+                        help="share of them with common English words, needs wordfreq (with --pseudo-word-fraction: "
+                             "<= 1 in all)")
     parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
@@ -349,8 +355,8 @@ def add_listen_adapter_argument(parser, default: str | None) -> None:
 
 
 def check_listen_training_arguments(parser, args) -> None:
-    """What one option's type cannot check: the shares of positives and near misses sum to <= 1 (else
-    ``parser.error``, before any clip or model is made)."""
+    """What one option's type cannot check: the shares of positives and near misses, and those of made-up and common
+    words, each sum to <= 1 (else ``parser.error``, before any clip or model is made)."""
     try:
         clip_kwargs(args)
     except ValueError as error:
@@ -409,13 +415,15 @@ def listen_training_kwargs(args) -> dict[str, Any]:
 
 def clip_kwargs(args) -> dict[str, Any]:
     """The keywords of :func:`~.duplex_data.make_clip` that :func:`add_listen_training_arguments` parsed; a ValueError
-    if the shares of positives and near misses sum to more than 1 (called before any clip is made)."""
-    from .duplex_data import check_clip_fractions
+    if the shares of positives and near misses, or of made-up and common words, sum to more than 1 (called before any
+    clip is made)."""
+    from .duplex_data import check_clip_fractions, check_talk_fractions
 
     check_clip_fractions(args.positive_fraction, args.near_miss_fraction)
+    check_talk_fractions(args.pseudo_word_fraction, args.common_word_fraction)
     return {"kinds": args.train_kinds, "mixture_fraction": args.mixture_fraction,
             "positive_fraction": args.positive_fraction, "near_miss_fraction": args.near_miss_fraction,
-            "pseudo_word_fraction": args.pseudo_word_fraction}
+            "pseudo_word_fraction": args.pseudo_word_fraction, "common_word_fraction": args.common_word_fraction}
 
 
 # ----- evaluation --------------------------------------------------------------------------------------------------

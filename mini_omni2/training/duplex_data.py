@@ -130,8 +130,10 @@ PSEUDO_ONSETS = ("", "", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", 
                  "th", "qu")
 PSEUDO_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "u", "ai", "ay", "ee", "ea", "oo", "ou", "ow", "oi", "y")
 PSEUDO_CODAS = ("", "", "", "", "m", "n", "p", "t", "k", "s", "l", "r", "mp", "mb", "nt", "nd", "ng", "st", "ck", "sh")
+#: The words of the command and of the near misses, which clips say only in the phrase's place.
+_PHRASE_WORDS = frozenset(w.strip(",.!").lower() for t in COMMAND_TEXTS + NEAR_MISSES for w in t.split())
 #: Spellings a made-up word may not take: the command's and near misses' words, and every split's real words.
-_NOT_PSEUDO = frozenset(w.strip(",.!").lower() for t in COMMAND_TEXTS + NEAR_MISSES for w in t.split()) | set(_WORDS)
+_NOT_PSEUDO = _PHRASE_WORDS | set(_WORDS)
 
 
 def pseudo_word(rng: np.random.Generator) -> str:
@@ -142,6 +144,42 @@ def pseudo_word(rng: np.random.Generator) -> str:
                        + PSEUDO_CODAS[rng.integers(len(PSEUDO_CODAS))] for _ in range(int(rng.integers(1, 5))))
         if word not in _NOT_PSEUDO:
             return word
+
+
+#: Common English words for background talkers (``make_clip(common_word_fraction=...)``): the most frequent
+#: ``COMMON_WORDS_COUNT`` words of wordfreq's English list, spelled with letters only. A split's talkers never say the
+#: other split's :data:`WORDS` nor a form of them (:func:`_same_stem`), so the held-out sentences' words stay unheard;
+#: nor the command's and near misses' words ("stopped" neither), which clips say only in the phrase's place.
+COMMON_WORDS_COUNT = 5000
+#: Sentences of common words per split (drawn once, said by espeak-ng once: a larger pool than the split's own words
+#: need, since each of its thousands of words should be heard).
+COMMON_POOL_SIZE = {"train": 1500, "test": 500}
+
+
+def _same_stem(word: str, other: str) -> bool:
+    """Whether ``word`` may be ``other`` or a form of it by its spelling: it begins with ``other`` (``other`` of at
+    most 4 letters) or with all of ``other`` but its last two letters ("companies" / "company", "computing" /
+    "computer"). Errs towards yes ("many" / "man"): a word wrongly left out costs nothing."""
+    stem = other if len(other) <= 4 else other[:-2]
+    return word.startswith(stem)
+
+
+@lru_cache(maxsize=None)
+def common_words(split: str) -> tuple[str, ...]:
+    """The split's common English words (of the :data:`COMMON_WORDS_COUNT` most frequent, by ``wordfreq``): none of
+    the command's or near misses' words, none of the other split's :data:`WORDS`, and no form of either
+    (:func:`_same_stem`; "on" and "me" only as such)."""
+    _check_split(split)
+    try:
+        from wordfreq import top_n_list
+    except ImportError as error:
+        raise ImportError("common_word_fraction needs wordfreq: pip install wordfreq") from error
+    others = [w for s in SPLITS if s != split for w in WORDS[s]] + [w for w in _PHRASE_WORDS if len(w) > 2]
+    return tuple(
+        word for word in top_n_list("en", COMMON_WORDS_COUNT)
+        if word.isascii() and word.isalpha() and word not in _PHRASE_WORDS
+        and not any(_same_stem(word, other) for other in others)
+    )
 
 
 # ----- voices ------------------------------------------------------------------------------------------------------
@@ -356,16 +394,22 @@ SPEECH_POOL_SIZE = {"train": 600, "test": 200}
 PHRASE_POOL_SIZE = {"train": 300, "test": 100}
 
 
-def _pool_utterance(split: str, entry: int, phrase: str | None = None, pseudo: bool = False) -> tuple[np.ndarray, str]:
+def _pool_utterance(
+    split: str, entry: int, phrase: str | None = None, pseudo: bool = False, common: bool = False
+) -> tuple[np.ndarray, str]:
     """Pool entry ``entry`` of the split's background sentences (``phrase`` None), of its sentences of made-up words
-    (``pseudo``: half of the words made up, :func:`pseudo_word`) or of ``phrase``; and its voice."""
-    rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{'pseudo' if pseudo else phrase or ''}".encode()), entry])
+    (``pseudo``: half of the words made up, :func:`pseudo_word`), of common words (``common``: :func:`common_words`)
+    or of ``phrase``; and its voice."""
+    pool = "pseudo" if pseudo else "common" if common else phrase or ""
+    rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{pool}".encode()), entry])
     voices = split_voices(split)
     if phrase:
         text = phrase
     elif pseudo:
         text = " ".join(pseudo_word(rng) if rng.random() < 0.5 else str(rng.choice(WORDS[split]))
                         for _ in range(int(rng.integers(4, 11))))
+    elif common:
+        text = " ".join(rng.choice(common_words(split), size=int(rng.integers(4, 11))))
     else:
         text = " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
     if FLITE_FRACTION[split] > 0 and rng.random() < FLITE_FRACTION[split]:  # no draw at 0: the same pools as before
@@ -374,14 +418,21 @@ def _pool_utterance(split: str, entry: int, phrase: str | None = None, pseudo: b
     return speak(text, voice, int(rng.integers(130, 221)), int(rng.integers(20, 81))), voice
 
 
-def _talker(rng: np.random.Generator, n: int, split: str, pseudo_word_fraction: float = 0.0) -> np.ndarray:
+def _talker(
+    rng: np.random.Generator, n: int, split: str, pseudo_word_fraction: float = 0.0, common_word_fraction: float = 0.0
+) -> np.ndarray:
     """One talker's turn of ``n`` samples: utterances of the split's pool with short pauses, from a random offset; a
-    ``pseudo_word_fraction`` of them from its pool of sentences with made-up words."""
+    ``pseudo_word_fraction`` of them from its pool of sentences with made-up words and a ``common_word_fraction``
+    from its pool of sentences of common words (the two fractions sum to at most 1)."""
     pieces, total = [], 0
     while total < n:
         entry = int(rng.integers(SPEECH_POOL_SIZE[split]))
-        pseudo = pseudo_word_fraction > 0 and rng.random() < pseudo_word_fraction  # no draw at 0: the same clips
-        speech, _ = _pool_utterance(split, entry, pseudo=pseudo)
+        draw = rng.random() if pseudo_word_fraction > 0 or common_word_fraction > 0 else 1.0  # none: the same clips
+        pseudo = draw < pseudo_word_fraction
+        common = not pseudo and draw < pseudo_word_fraction + common_word_fraction
+        if common:
+            entry = int(rng.integers(COMMON_POOL_SIZE[split]))
+        speech, _ = _pool_utterance(split, entry, pseudo=pseudo, common=common)
         pause = np.zeros(int(CLIP_SAMPLING_RATE * rng.uniform(0.05, 0.6)), dtype=np.float32)
         pieces += [speech, pause]
         total += len(speech) + len(pause)
@@ -430,10 +481,16 @@ def _clatter(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def background(
-    kind: str, n: int, rng: np.random.Generator, split: str, pseudo_word_fraction: float = 0.0
+    kind: str,
+    n: int,
+    rng: np.random.Generator,
+    split: str,
+    pseudo_word_fraction: float = 0.0,
+    common_word_fraction: float = 0.0,
 ) -> np.ndarray:
     """``n`` samples of a background of ``kind`` (one of :data:`KINDS` or :data:`EXTRA_KINDS`), at unit RMS; its
-    talkers say sentences with made-up words for a ``pseudo_word_fraction`` of their utterances."""
+    talkers say sentences with made-up words for a ``pseudo_word_fraction`` of their utterances and sentences of
+    common words (:func:`common_words`) for a ``common_word_fraction``."""
     if kind in ("white", "pink", "brown"):
         audio = _coloured_noise(rng, n, {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind])
     elif kind in ("tones", "chords"):
@@ -445,9 +502,10 @@ def background(
     elif kind == "clatter":
         audio = _clatter(rng, n)
     elif kind == "speech":
-        audio = _talker(rng, n, split, pseudo_word_fraction)
+        audio = _talker(rng, n, split, pseudo_word_fraction, common_word_fraction)
     elif kind == "babble":
-        audio = sum(_talker(rng, n, split, pseudo_word_fraction) for _ in range(int(rng.integers(3, 7))))
+        talkers = int(rng.integers(3, 7))
+        audio = sum(_talker(rng, n, split, pseudo_word_fraction, common_word_fraction) for _ in range(talkers))
     else:
         check_kinds([kind])  # raises: every known kind is handled above
     return (audio / _rms(audio)).astype(np.float32)
@@ -485,6 +543,15 @@ def check_fraction(value: float, name: str) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
+def check_talk_fractions(pseudo_word_fraction: float, common_word_fraction: float) -> None:
+    """A ValueError unless the talkers' shares of made-up and of common words are each in [0, 1] and sum to <= 1."""
+    check_fraction(pseudo_word_fraction, "pseudo_word_fraction")
+    check_fraction(common_word_fraction, "common_word_fraction")
+    if pseudo_word_fraction + common_word_fraction > 1:
+        raise ValueError(f"pseudo_word_fraction + common_word_fraction must be <= 1, got {pseudo_word_fraction} + "
+                         f"{common_word_fraction}")
+
+
 def check_mixture_fraction(mixture_fraction: float) -> None:
     """A ValueError unless ``mixture_fraction`` (of :func:`make_clip`) is in [0, 1]."""
     check_fraction(mixture_fraction, "mixture_fraction")
@@ -518,6 +585,7 @@ def make_clip(
     kinds: Sequence[str] | None = None,
     mixture_fraction: float = 0.0,
     pseudo_word_fraction: float = 0.0,
+    common_word_fraction: float = 0.0,
 ) -> dict:
     """Clip ``index`` of ``split``: deterministic in ``(seed, split, index)``.
 
@@ -527,15 +595,17 @@ def make_clip(
     pool made the clip's own by :func:`perturb` (``speed_perturbation``). A ``mixture_fraction`` of the clips mix a
     second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). Talkers of
     the background say sentences with made-up words (:func:`pseudo_word`) for ``pseudo_word_fraction`` of their
-    utterances. The mix is scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio``
+    utterances, and sentences of common English words (:func:`common_words`) for ``common_word_fraction``. The mix is
+    scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio``
     (float32, 16 kHz), ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where
     and by whom.
     """
     _check_split(split)
     check_clip_fractions(positive_fraction, near_miss_fraction)
     check_mixture_fraction(mixture_fraction)
-    check_fraction(pseudo_word_fraction, "pseudo_word_fraction")
+    check_talk_fractions(pseudo_word_fraction, common_word_fraction)
     kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
+    talk = (pseudo_word_fraction, common_word_fraction)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     draw = rng.random()
     positive = draw < positive_fraction
@@ -557,11 +627,11 @@ def make_clip(
     else:
         total = max(int(rate * rng.uniform(*negative_seconds)), len(utterance) + rate)
         lead = int(rng.integers(0, total - len(utterance) + 1))
-    audio = background(kind, total, rng, split, pseudo_word_fraction)
+    audio = background(kind, total, rng, split, *talk)
     if mixture_fraction > 0 and rng.random() < mixture_fraction:  # no draw without mixtures: the same clips as before
         second = kinds[rng.integers(len(kinds))]
         gain = 10 ** (-rng.uniform(0.0, 15.0) / 20)  # drawn before the second background, as it always was
-        audio = audio + gain * background(second, total, rng, split, pseudo_word_fraction)
+        audio = audio + gain * background(second, total, rng, split, *talk)
         audio /= _rms(audio)
         kind = f"{kind}+{second}"
     snr, level = float(rng.uniform(*snr_db)), float(rng.uniform(*level_db))
@@ -651,6 +721,8 @@ __all__ = [
     "check_mixture_fraction",
     "WORDS",
     "pseudo_word",
+    "common_words",
+    "check_talk_fractions",
     "split_voices",
     "speak",
     "background",
