@@ -620,10 +620,14 @@ def test_listener_window_restarts_with_the_last_frames(kind, features_model, gru
 
 
 # ----- the synthetic data --------------------------------------------------------------------------------------------
+#: Short clips for tests of what a clip's options change.
+SHORT_CLIP = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0))
+
+
 def test_clips_are_deterministic_and_labelled():
     from mini_omni2.training.duplex_data import COMMAND_TEXTS, NEAR_MISSES, frame_labels, make_clip
 
-    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0), kinds=("white",))
+    short = dict(SHORT_CLIP, kinds=("white",))
     clips = [make_clip("train", i, seed=7, **short) for i in range(6)]
     again = make_clip("train", 0, seed=7, **short)
     assert np.array_equal(clips[0]["audio"], again["audio"]) and clips[0]["voice"] == again["voice"]
@@ -729,7 +733,7 @@ def test_extra_backgrounds_hum_sweeps_clatter_and_mixtures_of_two_kinds():
     peaks = {int(np.argmax(np.abs(np.fft.rfft(audio["sweeps"][i : i + 800])))) for i in range(0, 2 * rate - 800, 800)}
     assert len(peaks) > 5
     # mixtures of two kinds; none by default (the clips every measurement scored)
-    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0), kinds=("white", "hum", "sweeps"))
+    short = dict(SHORT_CLIP, kinds=("white", "hum", "sweeps"))
     mixed = [make_clip("train", i, seed=3, mixture_fraction=1.0, **short)["kind"] for i in range(4)]
     assert all(len(k.split("+")) == 2 and set(k.split("+")) <= {"white", "hum", "sweeps"} for k in mixed)
     assert all("+" not in make_clip("train", i, seed=3, **short)["kind"] for i in range(4))
@@ -741,6 +745,19 @@ def test_extra_backgrounds_hum_sweeps_clatter_and_mixtures_of_two_kinds():
         make_clip("train", 0, kinds=("white", "rain"))
     with pytest.raises(ValueError, match="got unknown none"):
         make_clip("train", 0, kinds=())
+
+
+def _assert_only_talkers_change(split: str, index: int, seed: int, kinds: tuple[str, str], **option) -> None:
+    """A talkers' ``option`` of make_clip changes a clip over the talker kind (``kinds[0]``) and not one over the
+    other kind, and leaves what is said, and where, as it was."""
+    from mini_omni2.training.duplex_data import make_clip
+
+    for kind, changes in zip(kinds, (True, False)):
+        plain = make_clip(split, index, seed=seed, kinds=(kind,), **SHORT_CLIP)
+        talked = make_clip(split, index, seed=seed, kinds=(kind,), **option, **SHORT_CLIP)
+        assert talked["spoken"] == plain["spoken"]
+        assert (talked["command_start"], talked["command_end"]) == (plain["command_start"], plain["command_end"])
+        assert (not np.array_equal(talked["audio"], plain["audio"])) == changes
 
 
 def test_background_talkers_may_say_made_up_words_that_are_never_the_command_or_a_real_word():
@@ -755,14 +772,10 @@ def test_background_talkers_may_say_made_up_words_that_are_never_the_command_or_
     assert sum("om" in w and "n" in w.split("om", 1)[1][:2] for w in words) >= 1  # "omni"-like sounds occur
     # a pool of its own: entry k with made-up words is not entry k of the split's sentences
     assert not np.array_equal(_pool_utterance("train", 3, pseudo=True)[0], _pool_utterance("train", 3)[0])
-    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0))
-    for kind, changes in (("speech", True), ("white", False)):
-        plain = make_clip("train", 0, seed=1, kinds=(kind,), **short)
-        made_up = make_clip("train", 0, seed=1, kinds=(kind,), pseudo_word_fraction=1.0, **short)
-        assert made_up["spoken"] == plain["spoken"] and made_up["command_start"] == plain["command_start"]
-        assert (not np.array_equal(made_up["audio"], plain["audio"])) == changes  # only talkers change
-    assert np.array_equal(make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.0, **short)["audio"],
-                          make_clip("train", 0, seed=1, kinds=("speech",), **short)["audio"])
+    _assert_only_talkers_change("train", 0, 1, ("speech", "white"), pseudo_word_fraction=1.0)
+    speech = dict(SHORT_CLIP, kinds=("speech",))
+    assert np.array_equal(make_clip("train", 0, seed=1, pseudo_word_fraction=0.0, **speech)["audio"],
+                          make_clip("train", 0, seed=1, **speech)["audio"])
     with pytest.raises(ValueError, match=r"pseudo_word_fraction must be in \[0, 1\], got 1.5"):
         make_clip("train", 0, pseudo_word_fraction=1.5)
 
@@ -784,18 +797,13 @@ def test_background_talkers_may_say_common_words_but_never_the_other_splits_word
     common = _pool_utterance("train", 3, common=True)[0]
     assert not np.array_equal(common, _pool_utterance("train", 3)[0])
     assert not np.array_equal(common, _pool_utterance("train", 3, pseudo=True)[0])
-    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0))
-    for kind, changes in (("babble", True), ("pink", False)):
-        plain = make_clip("test", 1, seed=2, kinds=(kind,), **short)
-        spoken = make_clip("test", 1, seed=2, kinds=(kind,), common_word_fraction=1.0, **short)
-        assert spoken["spoken"] == plain["spoken"] and spoken["command_end"] == plain["command_end"]
-        assert (not np.array_equal(spoken["audio"], plain["audio"])) == changes  # only talkers change
+    _assert_only_talkers_change("test", 1, 2, ("babble", "pink"), common_word_fraction=1.0)
     # with made-up words alone, the clips are the ones made before common words existed
-    made_up = make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.5, **short)["audio"]
+    made_up = make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.5, **SHORT_CLIP)["audio"]
     assert np.array_equal(made_up, make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.5,
-                                             common_word_fraction=0.0, **short)["audio"])
+                                             common_word_fraction=0.0, **SHORT_CLIP)["audio"])
     assert not np.array_equal(made_up, make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.5,
-                                                 common_word_fraction=0.5, **short)["audio"])
+                                                 common_word_fraction=0.5, **SHORT_CLIP)["audio"])
     with pytest.raises(ValueError, match=r"common_word_fraction must be in \[0, 1\], got -0.5"):
         make_clip("train", 0, common_word_fraction=-0.5)
     with pytest.raises(ValueError, match=r"pseudo_word_fraction \+ common_word_fraction must be <= 1, got 0.6 \+ 0.6"):
@@ -807,7 +815,7 @@ def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, process
 
     from mini_omni2.training.duplex_data import DuplexPreprocessor, duplex_generator
 
-    short = dict(lead_seconds=(0.5, 1.0), tail_seconds=(0.5, 1.0), negative_seconds=(1.5, 2.0), kinds=("white",))
+    short = dict(SHORT_CLIP, kinds=("white",))
     clips = datasets.Dataset.from_generator(
         duplex_generator, gen_kwargs={"split": "test", "num_examples": 3, "seed": 1, **short}, keep_in_memory=True
     )

@@ -430,7 +430,7 @@ def _talker(
         draw = rng.random() if pseudo_word_fraction > 0 or common_word_fraction > 0 else 1.0  # none: the same clips
         pseudo = draw < pseudo_word_fraction
         common = not pseudo and draw < pseudo_word_fraction + common_word_fraction
-        if common:
+        if common:  # its own, larger pool; the entry above stays drawn first, as before common words existed
             entry = int(rng.integers(COMMON_POOL_SIZE[split]))
         speech, _ = _pool_utterance(split, entry, pseudo=pseudo, common=common)
         pause = np.zeros(int(CLIP_SAMPLING_RATE * rng.uniform(0.05, 0.6)), dtype=np.float32)
