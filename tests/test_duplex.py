@@ -1,9 +1,11 @@
 """Duplex interruption (extension, docs/duplex.md): the listening row's ids, layout and labels, its front end, the
 model's listening adapter, the step-by-step listener, the synthetic data, and a small trained model that detects."""
 
+import argparse
 import math
 import re
 import types
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -745,6 +747,24 @@ def test_extra_backgrounds_hum_sweeps_clatter_and_mixtures_of_two_kinds():
         make_clip("train", 0, kinds=("white", "rain"))
     with pytest.raises(ValueError, match="got unknown none"):
         make_clip("train", 0, kinds=())
+
+
+def test_a_kind_named_twice_is_drawn_twice_as_often_and_the_recipe_weights_talkers_up():
+    from mini_omni2.training.duplex import LISTEN_TRAIN_KINDS, add_listen_training_arguments, clip_kwargs
+    from mini_omni2.training.duplex_data import KINDS, make_clip
+
+    noise_only = dict(SHORT_CLIP, positive_fraction=0.0, near_miss_fraction=0.0)
+    drawn = Counter(make_clip("train", i, seed=5, kinds=("white", "white", "white", "brown"), **noise_only)["kind"]
+                    for i in range(400))
+    assert set(drawn) == {"white", "brown"} and 0.65 < drawn["white"] / 400 < 0.85
+    # the recipe: the train split's kinds, one other talker 3 times in 8 and babble 2 in 8
+    assert sorted(set(LISTEN_TRAIN_KINDS)) == sorted(KINDS["train"])
+    assert Counter(LISTEN_TRAIN_KINDS) == {"white": 1, "brown": 1, "tones": 1, "speech": 3, "babble": 2}
+    parser = argparse.ArgumentParser()
+    add_listen_training_arguments(parser)
+    assert clip_kwargs(parser.parse_args([]))["kinds"] == LISTEN_TRAIN_KINDS
+    assert clip_kwargs(parser.parse_args(["--train-kinds", "white,speech,speech"]))["kinds"] == (
+        "white", "speech", "speech")
 
 
 def _assert_only_talkers_change(split: str, index: int, seed: int, kinds: tuple[str, str], **option) -> None:

@@ -38,7 +38,10 @@ EVALUATION_TAIL_SECONDS = (DETECTION_WINDOW_SECONDS, 10.0)
 EVALUATION_FIELDS = ("command_start", "command_end", "spoken", "kind", "snr_db")
 
 #: Decision rules tried when one is chosen on validation clips: P(irq) >= threshold on min_frames consecutive frames.
-LISTEN_RULE_GRID = tuple((t, m) for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for m in (1, 2, 3))
+#: Thresholds below 0.5 too: the recipe's rows are cautious (their P(irq) on a command often stays under 0.5) and
+#: rare in command-free audio, so a low threshold held for 3-4 frames hears more at the same false interrupts
+#: (docs/duplex.md, run 99).
+LISTEN_RULE_GRID = tuple((t, m) for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for m in (1, 2, 3, 4))
 
 #: The false interrupts a chosen rule allows on validation clips, per 10 minutes of command-free audio: the goal of
 #: the proof (docs/duplex.md).
@@ -52,6 +55,9 @@ LISTEN_WEIGHT_AVERAGING_DECAY = 0.999
 #: misses (:func:`~.duplex_data.make_clip`; the rest are background alone). The held-out clips keep make_clip's own.
 LISTEN_POSITIVE_FRACTION = 0.5
 LISTEN_NEAR_MISS_FRACTION = 0.25
+#: ... and their background kinds, drawn evenly from this tuple: the train split's, with one other talker three times
+#: and babble twice (speech over speech is where rows miss commands and interrupt falsely; docs/duplex.md, run 99).
+LISTEN_TRAIN_KINDS = ("white", "brown", "tones", "speech", "speech", "speech", "babble", "babble")
 #: ... and the share of their background talkers' utterances with made-up words (:func:`~.duplex_data.pseudo_word`).
 LISTEN_PSEUDO_WORD_FRACTION = 0.0
 #: ... and with common English words (:func:`~.duplex_data.common_words`).
@@ -323,9 +329,10 @@ def add_listen_training_arguments(parser) -> None:
                              "window, 2 s; 0: the whole tail)")
     parser.add_argument("--weight-averaging", type=argument_type(parse_decay), default=LISTEN_WEIGHT_AVERAGING_DECAY,
                         help="decay of the moving average of the weights the model ends with (0: the last weights)")
-    parser.add_argument("--train-kinds", type=argument_type(parse_kinds),
-                        help="background kinds of the training (and validation) clips, comma-separated (default: the "
-                             "train split's; EXTRA_KINDS adds hum, sweeps, clatter)")
+    parser.add_argument("--train-kinds", type=argument_type(parse_kinds), default=LISTEN_TRAIN_KINDS,
+                        help="background kinds of the training (and validation) clips, comma-separated, drawn evenly "
+                             "(a kind named twice is drawn twice as often; default: the recipe's, "
+                             f"{','.join(LISTEN_TRAIN_KINDS)}; EXTRA_KINDS adds hum, sweeps, clatter)")
     parser.add_argument("--mixture-fraction", type=argument_type(parse_mixture_fraction), default=0.0,
                         help="fraction of those clips whose background mixes two kinds")
     parser.add_argument("--positive-fraction", type=argument_type(parse_fraction), default=LISTEN_POSITIVE_FRACTION,
