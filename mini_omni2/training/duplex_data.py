@@ -529,7 +529,8 @@ def perturb(utterance: np.ndarray, rng: np.random.Generator, speed: tuple[float,
 
 
 def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
-    """``kinds`` as a tuple, if it is a non-empty choice of :data:`KINDS` and :data:`EXTRA_KINDS`; else a ValueError."""
+    """``kinds`` as a tuple, if it is a non-empty choice of :data:`KINDS` and :data:`EXTRA_KINDS`; else a ValueError.
+    A clip draws its kind evenly from the tuple, so a kind named twice is drawn twice as often."""
     known = sorted({k for split_kinds in KINDS.values() for k in split_kinds} | set(EXTRA_KINDS))
     unknown = sorted(set(kinds) - set(known))
     if not kinds or unknown:
