@@ -40,7 +40,7 @@ EVALUATION_FIELDS = ("command_start", "command_end", "spoken", "kind", "snr_db")
 #: Decision rules tried when one is chosen on validation clips: P(irq) >= threshold on min_frames consecutive frames.
 #: Thresholds below 0.5 too: the recipe's rows are cautious (their P(irq) on a command often stays under 0.5, and
 #: rarely rises in command-free audio), so a low threshold held for 2-4 frames hears more at about as many false
-#: interrupts (docs/duplex.md, runs 99-102).
+#: interrupts (docs/duplex.md, runs 99-103).
 LISTEN_RULE_GRID = tuple((t, m) for t in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95) for m in (1, 2, 3, 4))
 
 #: The false interrupts a chosen rule allows on validation clips, per 10 minutes of command-free audio: the goal of
