@@ -7,7 +7,7 @@ the 8-stream embedding (SPEC §3), the LLaMA-MLP adapters, the sliced head and l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.models.clip.modeling_clip import CLIPVisionModelWithProjection
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -55,6 +55,31 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = 
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
+
+#: The name transformers gives the KV cache, as a forward argument and an output field: ``cache`` from 5.24 on,
+#: ``past_key_values`` before (5.24 takes the old name too, with a deprecation warning, until 5.40). The models here
+#: take either name and answer in the installed transformers' own.
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def _cache_field(cls: type) -> type:
+    """Give an output class's cache field (declared ``cache``) the installed transformers' name (:data:`CACHE_NAME`);
+    applied before ``@dataclass`` makes the fields."""
+    if CACHE_NAME != "cache":
+        cls.__annotations__ = {CACHE_NAME if k == "cache" else k: v for k, v in cls.__annotations__.items()}
+        setattr(cls, CACHE_NAME, cls.__dict__["cache"])
+        delattr(cls, "cache")
+    return cls
+
+
+def _given_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache a forward was given, under either name (``cache`` is taken out of ``kwargs``); both is an error."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("give the cache as `cache` or as `past_key_values`, not both")
+    return past_key_values if cache is None else cache
+
+
 #: ``auto_map`` entries written into every saved folder, so that it loads with ``trust_remote_code=True`` alone.
 AUTO_MAP = {
     "AutoConfig": "configuration_mini_omni2.MiniOmni2Config",
@@ -64,16 +89,19 @@ AUTO_MAP = {
 
 
 @dataclass
+@_cache_field
 class MiniOmni2ModelOutputWithPast(ModelOutput):
-    """Backbone output: the last hidden state and the cache."""
+    """Backbone output: the last hidden state and the cache (``cache``, or ``past_key_values`` before transformers
+    5.24: :data:`CACHE_NAME`)."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
+@_cache_field
 class MiniOmni2CausalLMOutputWithPast(ModelOutput):
     """Head output.
 
@@ -83,6 +111,7 @@ class MiniOmni2CausalLMOutputWithPast(ModelOutput):
         logits: the full head output (batch, seq, total_vocab).
         text_logits: view of the text columns (batch, seq, text_vocab).
         audio_logits: view of the audio columns, one slice per layer (batch, 7, seq, audio_vocab).
+        cache: the KV cache (``past_key_values`` before transformers 5.24: :data:`CACHE_NAME`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -90,7 +119,7 @@ class MiniOmni2CausalLMOutputWithPast(ModelOutput):
     logits: torch.FloatTensor | None = None
     text_logits: torch.FloatTensor | None = None
     audio_logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -267,7 +296,7 @@ class MiniOmni2PreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "audio", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["Qwen2DecoderLayer", "WhisperEncoderLayer", "CLIPEncoderLayer", "MiniOmni2Codec"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _keep_in_fp32_modules_strict = ["codec"]  # SNAC decodes in float32 whatever the backbone dtype
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -541,18 +570,19 @@ class MiniOmni2Model(MiniOmni2PreTrainedModel):
             )
         if position_ids is None and attention_mask is not None:
             position_ids = positions_from_attention_mask(attention_mask, inputs_embeds.shape[1])
+        cache = _given_cache(past_key_values, kwargs)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             return_dict=True,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return MiniOmni2ModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -715,7 +745,7 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_given_cache(past_key_values, kwargs),
             inputs_embeds=inputs_embeds,
             input_features=input_features,
             audio_feature_mask=audio_feature_mask,
@@ -738,7 +768,7 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
             return MiniOmni2CausalLMOutputWithPast(
                 text_logits=text_logits,
                 audio_logits=audio_logits,
-                past_key_values=outputs.past_key_values,
+                **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,
             )
@@ -754,7 +784,7 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
             logits=logits,
             text_logits=text_logits,
             audio_logits=audio_logits.transpose(1, 2),
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

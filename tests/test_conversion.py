@@ -234,6 +234,8 @@ def test_codec_equals_snac_loaded_by_snac(models, releases):
 # greedy decoding: the converted model (step by step with a KV cache) vs the reference loop
 # ----------------------------------------------------------------------------------------------------------------
 def model_stepper(model, kwargs):
+    from mini_omni2.modeling_mini_omni2 import CACHE_NAME
+
     state = {}
 
     def step(new_ids):
@@ -244,7 +246,7 @@ def model_stepper(model, kwargs):
             state["length"] += 1
             mask = torch.ones(new_ids.shape[0], state["length"], dtype=torch.long)
             out = model(input_ids=new_ids, attention_mask=mask, past_key_values=state["cache"], use_cache=True)
-        state["cache"] = out.past_key_values
+        state["cache"] = getattr(out, CACHE_NAME)
         return out.logits[:, -1]
 
     return step

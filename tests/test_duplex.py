@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mini_omni2.duplex_mini_omni2 import MiniOmni2ListenFrontEnd, MiniOmni2Listener, codec_encoder_receptive_field
-from mini_omni2.modeling_mini_omni2 import IGNORE_INDEX
+from mini_omni2.modeling_mini_omni2 import CACHE_NAME, IGNORE_INDEX
 from mini_omni2.tiny import tiny_model
 from mini_omni2.token_layout import LISTEN_TASK, TokenLayout
 from mini_omni2.training import MiniOmni2DataCollator
@@ -512,7 +512,7 @@ def test_the_gru_listening_adapter_hears_each_row_in_order_and_carries_its_state
         first = model(input_ids=ids[..., :3], listen_features=features[:1, :3], listen_feature_mask=mask[:1, :3],
                       use_cache=True, listen_state=state)
         second = model(input_ids=ids[..., 3:], listen_features=features[:1, 3:], listen_feature_mask=mask[:1, 3:],
-                       past_key_values=first.past_key_values, listen_state=state)
+                       cache=getattr(first, CACHE_NAME), listen_state=state)
     assert torch.allclose(torch.cat([first.text_logits, second.text_logits], 1), whole_logits, atol=1e-5)
     with pytest.raises(ValueError, match="listen_state holds 1 rows, but 2 rows have frames"):
         model.model.embed(ids[..., :1].repeat(2, 1, 1), listen_features=features[:, :1],

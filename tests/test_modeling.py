@@ -154,6 +154,25 @@ def test_left_padding_does_not_change_a_rows_logits(model, processor):
     assert torch.allclose(alone, padded, atol=1e-4)
 
 
+def test_the_cache_goes_in_under_either_name_and_comes_out_under_the_installed_transformers_one(model, processor):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (CACHE_NAME): a step fed the cache under either name
+    gives the logits of the whole sequence, and the outputs carry it under the installed name."""
+    from mini_omni2.modeling_mini_omni2 import CACHE_NAME
+
+    batch = model_inputs(processor(text="Tell me a story", output="text"))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            prefix = model(input_ids=ids[..., :-1], attention_mask=mask[:, :-1], use_cache=True)
+            assert {f for f in prefix.keys() if f in ("cache", "past_key_values")} == {CACHE_NAME}
+            step = model(input_ids=ids[..., -1:], attention_mask=mask, use_cache=True,
+                         **{name: getattr(prefix, CACHE_NAME)})
+            assert torch.allclose(step.logits[:, -1], whole, atol=1e-4), name
+        with pytest.raises(ValueError, match="as `cache` or as `past_key_values`, not both"):
+            model(input_ids=ids, cache=getattr(prefix, CACHE_NAME), past_key_values=getattr(prefix, CACHE_NAME))
+
+
 def test_save_load_round_trip_gives_identical_logits(model, processor, tmp_path):
     batch = processor(audio=[(sine(0.2), 16000)], images=[color_image()], task="VA1T2")
     model.save_pretrained(tmp_path)
