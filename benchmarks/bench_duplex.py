@@ -10,8 +10,8 @@ with the features input (Trainer, stage 3); clips of the ``test`` split, whose v
 kinds never occur in training, are run through the listening row step by step with a KV cache, exactly as inference
 runs it. Reported: the detection rate (irq between the command's start and 2 s after its end), the delay from the end
 of "stop omni" to the end of the frame at which the row commits to irq, and false interrupts per 10 minutes of
-command-free audio (near misses reported apart). Goals: detection >= 95 %, median delay <= 500 ms, <= 1 false
-interrupt per 10 minutes.
+command-free audio (near misses reported apart); detection and false interrupts with their counts and 95 % intervals.
+Goals: detection >= 95 %, median delay <= 500 ms, <= 1 false interrupt per 10 minutes.
 
 ``--cost`` times decoding steps of the language model with and without one listening row beside a request's two
 speaking rows (batch parallel decoding), at the released sizes or tiny ones, on the decoding engine
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mini_omni2 import MiniOmni2Config  # noqa: E402
 from mini_omni2.training.duplex import (  # noqa: E402
     EVALUATION_TAIL_SECONDS,
+    INTERVAL_CONFIDENCE,
     LISTEN_ADAPTER,
     LISTEN_RULE_GRID,
     MAX_FALSE_PER_10MIN,
@@ -320,15 +321,23 @@ def _row(r: dict) -> str:
     return f"det {r['detection']:.1%}  median delay {delay}  false {r['false_per_10min']:.2f}/10min"
 
 
+def _interval(interval: tuple[float, float], spec: str) -> str:
+    """An interval of ``summarize`` as printed: a run's counts are small (docs/duplex.md, The proof)."""
+    return f"{INTERVAL_CONFIDENCE:.0%} interval {interval[0]:{spec}}-{interval[1]:{spec}}"
+
+
 def print_proof(result: dict) -> None:
     m = result["metrics"]
     print(f"held-out clips: {m['clips']} ({m['positives']} with the command); command-free audio "
           f"{m['command_free_minutes']:.1f} min (near-miss clips apart)")
     print(f"decision rule (chosen on validation): P(irq) >= {m['threshold']} on {m['min_frames']} consecutive frame(s)")
-    print(f"detection          {m['detection']:.1%}   (goal >= 95 %)")
+    print(f"detection          {m['detection']:.1%}   ({_interval(m['detection_interval'], '.1%')}; "
+          f"{m['detected']} of {m['positives']}; goal >= 95 %)")
     print(f"median delay       {m['median_delay_ms']:.0f} ms   (p90 {m['p90_delay_ms']:.0f} ms; goal <= 500 ms)"
           if m["median_delay_ms"] is not None else "median delay       -")
-    print(f"false interrupts   {m['false_per_10min']:.2f} per 10 min   (goal <= 1; with near-miss clips "
+    false_interval = _interval(m["false_per_10min_interval"], ".2f")
+    print(f"false interrupts   {m['false_per_10min']:.2f} per 10 min   ({false_interval}; "
+          f"{m['false_interrupts']} in {m['command_free_minutes']:.1f} min; goal <= 1; with near-miss clips "
           f"{m['false_per_10min_all']:.2f})")
     print("near misses that interrupted: " + ", ".join(f"{k!r} {v:.0%}" for k, v in m["near_miss_interrupted"].items()))
     print("per background: " + ", ".join(

@@ -578,6 +578,32 @@ def test_the_rule_chosen_on_validation_detects_most_within_the_false_interrupt_l
         choose_listen_rule([])
 
 
+def test_the_evaluation_reports_95_percent_intervals_of_its_small_counts():
+    from mini_omni2.training.duplex import ClipOutcome, detection_interval, false_rate_interval, summarize
+
+    # Wilson: no detection in 10 commands is consistent with up to 27.8 %; all of them with down to 72.2 %
+    assert detection_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert detection_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert detection_interval(0, 0) is None
+    # Garwood: no false interrupt in 10 minutes is consistent with up to -ln(0.025) = 3.69 per 10 minutes
+    assert false_rate_interval(0, 10.0) == pytest.approx((0.0, -math.log(0.025)), abs=1e-3)
+    low, high = false_rate_interval(2, 28.5)  # the proof's 0.70 per 10 minutes: 2 in 28.5 minutes
+    assert low < 0.7 < 1.0 < high  # the goal lies inside: one run cannot tell 0.70 from 1
+    assert false_rate_interval(3, 0.0) is None
+
+    def outcome(has_command, detected, false, seconds):
+        return ClipOutcome("stop omni" if has_command else "", "speech", has_command, None, detected, false,
+                           0.1 if detected else None, seconds)
+
+    clips = [outcome(True, True, False, 5.0)] * 19 + [outcome(True, False, False, 5.0)]
+    clips += [outcome(False, False, True, 60.0)] * 2 + [outcome(False, False, False, 60.0)] * 8
+    summary = summarize(clips)
+    assert (summary["detected"], summary["positives"], summary["false_interrupts"]) == (19, 20, 2)
+    assert summary["detection_interval"] == detection_interval(19, 20)
+    assert summary["false_per_10min_interval"] == false_rate_interval(2, summary["command_free_minutes"])
+    assert summary["command_free_minutes"] == pytest.approx(20 * 5 / 60 + 10)
+
+
 # ----- the listener: step by step with a cache, as the engine runs the row --------------------------------------
 def _teacher_forced(model, frames):
     layout = model.config.token_layout

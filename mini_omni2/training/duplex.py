@@ -495,12 +495,48 @@ def listener_probabilities(model, examples: Sequence[dict], batch_size: int = 32
     return out
 
 
+#: Confidence of the intervals :func:`summarize` reports. The held-out counts are small (one command of 190 is half a
+#: point of detection; one false interrupt in 28 minutes is 0.35 per 10 minutes), so a figure alone overstates what a
+#: run shows.
+INTERVAL_CONFIDENCE = 0.95
+
+
+def detection_interval(
+    detected: int, commands: int, confidence: float = INTERVAL_CONFIDENCE
+) -> tuple[float, float] | None:
+    """The Wilson score interval of a detection rate of ``detected`` in ``commands`` (None without commands)."""
+    from scipy.stats import binomtest
+
+    if commands == 0:
+        return None
+    interval = binomtest(detected, commands).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def false_rate_interval(
+    false_interrupts: int, command_free_minutes: float, confidence: float = INTERVAL_CONFIDENCE
+) -> tuple[float, float] | None:
+    """The exact (Garwood) Poisson interval of a rate of false interrupts per 10 minutes: ``false_interrupts`` in
+    ``command_free_minutes`` (None without command-free audio)."""
+    from scipy.stats import chi2
+
+    if command_free_minutes <= 0:
+        return None
+    tail = (1 - confidence) / 2
+    low = 0.0 if false_interrupts == 0 else chi2.ppf(tail, 2 * false_interrupts) / 2
+    high = chi2.ppf(1 - tail, 2 * false_interrupts + 2) / 2
+    per_10min = 10.0 / command_free_minutes
+    return float(low * per_10min), float(high * per_10min)
+
+
 def summarize(outcomes: Sequence[ClipOutcome]) -> dict[str, Any]:
     """Detection rate, delays and false interrupts of clip outcomes, overall and per background kind / near miss.
 
     False interrupts are counted per turn (a clip; the row ends at its first irq) over the command-free audio it
     listened to: all of it without near misses (``false_per_10min``), and with them (``false_per_10min_all``);
-    ``near_miss_interrupted`` is the share of near-miss clips that interrupted, per phrase.
+    ``near_miss_interrupted`` is the share of near-miss clips that interrupted, per phrase. ``detection_interval``
+    and ``false_per_10min_interval`` are their :data:`INTERVAL_CONFIDENCE` intervals (:func:`detection_interval`,
+    :func:`false_rate_interval`).
     """
     positives = [o for o in outcomes if o.has_command]
     delays = np.array([o.delay for o in positives if o.detected], dtype=np.float64)
@@ -520,15 +556,21 @@ def summarize(outcomes: Sequence[ClipOutcome]) -> dict[str, Any]:
             "false_per_10min": rate(items),
             "clips": len(items),
         }
+    detected = sum(o.detected for o in positives)
+    false_interrupts = sum(o.false_interrupt for o in ordinary)
+    command_free_minutes = sum(o.command_free_seconds for o in ordinary) / 60
     return {
         "clips": len(outcomes),
         "positives": len(positives),
-        "detection": None if not positives else sum(o.detected for o in positives) / len(positives),
+        "detected": detected,
+        "detection": None if not positives else detected / len(positives),
+        "detection_interval": detection_interval(detected, len(positives)),
         "median_delay_ms": None if delays.size == 0 else float(np.median(delays) * 1000),
         "p90_delay_ms": None if delays.size == 0 else float(np.percentile(delays, 90) * 1000),
-        "false_interrupts": sum(o.false_interrupt for o in ordinary),
-        "command_free_minutes": sum(o.command_free_seconds for o in ordinary) / 60,
+        "false_interrupts": false_interrupts,
+        "command_free_minutes": command_free_minutes,
         "false_per_10min": rate(ordinary),
+        "false_per_10min_interval": false_rate_interval(false_interrupts, command_free_minutes),
         "false_per_10min_all": rate(outcomes),
         "near_miss_interrupted": {
             phrase: sum(o.false_interrupt for o in near if o.spoken == phrase) / max(1, sum(o.spoken == phrase for o in near))
@@ -608,6 +650,9 @@ __all__ = [
     "first_irq",
     "clip_outcome",
     "listener_probabilities",
+    "INTERVAL_CONFIDENCE",
+    "detection_interval",
+    "false_rate_interval",
     "summarize",
     "evaluate_listener",
     "LISTEN_RULE_GRID",
