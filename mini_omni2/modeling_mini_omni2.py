@@ -745,7 +745,7 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=_given_cache(past_key_values, kwargs),
+            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             input_features=input_features,
             audio_feature_mask=audio_feature_mask,
