@@ -187,14 +187,19 @@ def train_model(args, model, train, seed: int, teachers=()):
     )
 
 
+def training_seed(args) -> int:
+    """The seed of the model's start and clip order: ``--train-seed``, by default the clips' ``--seed``."""
+    return args.seed if args.train_seed is None else args.train_seed
+
+
 def teacher_seed(seed: int, k: int) -> int:
-    """Teacher ``k`` of ``--seed S`` starts from ``1000 S + k`` (at ``--seed 0``, teacher k starts where the plain
+    """Teacher ``k`` of training seed ``S`` starts from ``1000 S + k`` (at seed 0, teacher k starts where the plain
     recipe's model of training seed k does)."""
     return 1000 * seed + k
 
 
 def student_seed(seed: int) -> int:
-    """A distilled model of ``--seed S`` starts from ``1000 S + 100``, a start no teacher has."""
+    """A distilled model of training seed ``S`` starts from ``1000 S + 100``, a start no teacher has."""
     return 1000 * seed + 100
 
 
@@ -213,14 +218,14 @@ def train_teachers(args, train, test, validation, window) -> tuple[list, list[di
         if folder and os.path.exists(os.path.join(folder, "config.json")):
             model = MiniOmni2ForConditionalGeneration.from_pretrained(folder).eval()
         else:
-            model = new_model(args, teacher_seed(args.seed, k))
-            train_model(args, model, train, teacher_seed(args.seed, k))
+            model = new_model(args, teacher_seed(training_seed(args), k))
+            train_model(args, model, train, teacher_seed(training_seed(args), k))
             if folder:
                 model.save_pretrained(folder)
         trained_s = time.perf_counter() - start
         test_p.append(listener_probabilities(model, test, **window))
         val_p.append(listener_probabilities(model, validation, **window))
-        scores.append({"seed": teacher_seed(args.seed, k), "train_or_load_s": trained_s,
+        scores.append({"seed": teacher_seed(training_seed(args), k), "train_or_load_s": trained_s,
                        **score(model, test, validation, test_p[-1], val_p[-1], args)})
         print(f"teacher {k}: " + _row(scores[-1]["metrics"]) + f"  (argmax {_row(scores[-1]['argmax_rule_metrics'])})",
               flush=True)
@@ -255,7 +260,7 @@ def proof(args) -> dict:
     if args.model:
         model = MiniOmni2ForConditionalGeneration.from_pretrained(args.model).eval()
     else:
-        model = new_model(args, student_seed(args.seed) if args.teachers else args.seed)
+        model = new_model(args, student_seed(training_seed(args)) if args.teachers else training_seed(args))
     if model.config.listen_input != "features":
         raise SystemExit("the proof uses the features input (the codec's random weights carry nothing: docs/duplex.md)")
     front_end = model.listen_front_end()
@@ -285,7 +290,8 @@ def proof(args) -> dict:
                                                                                       window)
             timings["teachers_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        output = train_model(args, model, train, student_seed(args.seed) if teachers else args.seed, teachers)
+        output = train_model(args, model, train, student_seed(training_seed(args)) if teachers else training_seed(args),
+                             teachers)
         timings["train_s"] = time.perf_counter() - start
         result["train_loss"] = output.training_loss
         del teachers
@@ -469,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")
     parser.add_argument("--window", type=int, default=0, help="restart listening rows after this many frames (0: never)")
     parser.add_argument("--refeed", type=int, default=24, help="frames fed again to a restarted row")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="draws the clips (and, by default, the training)")
+    parser.add_argument("--train-seed", type=int,
+                        help="the model's start and clip order (and the teachers'), default: --seed; other training "
+                             "seeds on the same clips (with --cache, without making them again)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--workers", type=int, default=1, help="processes that make the clips (same clips for any)")
     parser.add_argument("--cache", help="keep the clips' examples in this folder and reuse them in later runs (the "

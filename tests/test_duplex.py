@@ -807,8 +807,8 @@ def _assert_only_talkers_change(split: str, index: int, seed: int, kinds: tuple[
 
 
 def test_background_talkers_may_say_made_up_words_that_are_never_the_command_or_a_real_word():
-    from mini_omni2.training.duplex_data import (COMMAND_TEXTS, NEAR_MISSES, WORDS, _pool_utterance, make_clip,
-                                                 pseudo_word)
+    from mini_omni2.training.duplex_data import (COMMAND_TEXTS, NEAR_MISSES, PSEUDO_POOL, WORDS, _pool_utterance,
+                                                 make_clip, pseudo_word)
 
     words = [pseudo_word(np.random.default_rng([7, i])) for i in range(2000)]
     assert words == [pseudo_word(np.random.default_rng([7, i])) for i in range(2000)]
@@ -817,7 +817,7 @@ def test_background_talkers_may_say_made_up_words_that_are_never_the_command_or_
     assert not set(words) & (forbidden | set(WORDS["train"]) | set(WORDS["test"]))
     assert sum("om" in w and "n" in w.split("om", 1)[1][:2] for w in words) >= 1  # "omni"-like sounds occur
     # a pool of its own: entry k with made-up words is not entry k of the split's sentences
-    assert not np.array_equal(_pool_utterance("train", 3, pseudo=True)[0], _pool_utterance("train", 3)[0])
+    assert not np.array_equal(_pool_utterance("train", 3, pool=PSEUDO_POOL)[0], _pool_utterance("train", 3)[0])
     _assert_only_talkers_change("train", 0, 1, ("speech", "white"), pseudo_word_fraction=1.0)
     speech = dict(SHORT_CLIP, kinds=("speech",))
     assert np.array_equal(make_clip("train", 0, seed=1, pseudo_word_fraction=0.0, **speech)["audio"],
@@ -827,8 +827,8 @@ def test_background_talkers_may_say_made_up_words_that_are_never_the_command_or_
 
 
 def test_background_talkers_may_say_common_words_but_never_the_other_splits_words_or_the_command():
-    from mini_omni2.training.duplex_data import (COMMAND_TEXTS, NEAR_MISSES, WORDS, _pool_utterance, common_words,
-                                                 make_clip)
+    from mini_omni2.training.duplex_data import (COMMAND_TEXTS, COMMON_POOL, NEAR_MISSES, PSEUDO_POOL, WORDS,
+                                                 _pool_utterance, common_words, make_clip)
 
     train, test = common_words("train"), common_words("test")
     assert len(train) > 4000 and len(test) > 4000 and all(w.isascii() and w.isalpha() for w in train + test)
@@ -840,9 +840,9 @@ def test_background_talkers_may_say_common_words_but_never_the_other_splits_word
     assert not ({"stopped", "stopping", "omnibus"} | phrase_words) & set(train + test)
     assert {"honey", "common", "one"} <= set(train)  # near sounds are said by talkers who do not give the command
     # a pool of its own: entry k with common words is neither entry k of the split's sentences nor of made-up words
-    common = _pool_utterance("train", 3, common=True)[0]
+    common = _pool_utterance("train", 3, pool=COMMON_POOL)[0]
     assert not np.array_equal(common, _pool_utterance("train", 3)[0])
-    assert not np.array_equal(common, _pool_utterance("train", 3, pseudo=True)[0])
+    assert not np.array_equal(common, _pool_utterance("train", 3, pool=PSEUDO_POOL)[0])
     _assert_only_talkers_change("test", 1, 2, ("babble", "pink"), common_word_fraction=1.0)
     # with made-up words alone, the clips are the ones made before common words existed
     made_up = make_clip("train", 0, seed=1, kinds=("speech",), pseudo_word_fraction=0.5, **SHORT_CLIP)["audio"]
@@ -854,6 +854,62 @@ def test_background_talkers_may_say_common_words_but_never_the_other_splits_word
         make_clip("train", 0, common_word_fraction=-0.5)
     with pytest.raises(ValueError, match=r"pseudo_word_fraction \+ common_word_fraction must be <= 1, got 0.6 \+ 0.6"):
         make_clip("train", 0, pseudo_word_fraction=0.6, common_word_fraction=0.6)
+
+
+def test_near_misses_may_be_sound_alikes_of_the_command_one_or_two_phonemes_away():
+    from mini_omni2.training.duplex import SOUND_ALIKE_GROUP, ClipOutcome, summarize
+    from mini_omni2.training.duplex_data import (COMMAND_PHONEMES, CONFUSABLE_PHONEMES, NEAR_MISSES, frame_labels,
+                                                 is_sound_alike, make_clip, sound_alike, speak)
+
+    alikes = [sound_alike(np.random.default_rng([3, i])) for i in range(500)]
+    assert alikes == [sound_alike(np.random.default_rng([3, i])) for i in range(500)]
+    assert len(set(alikes)) > 200 and all(is_sound_alike(a) and a.endswith("]]") for a in alikes)
+    command = "".join(COMMAND_PHONEMES)
+    assert command == "st'0p '0mni" and f"[[{command}]]" not in alikes  # what espeak-ng -x says for "stop omni"
+    assert all(COMMAND_PHONEMES[slot] not in options for slot, options in CONFUSABLE_PHONEMES.items())
+
+    def changed(edits: dict) -> str:
+        return "[[" + "".join(edits.get(slot, phoneme) for slot, phoneme in enumerate(COMMAND_PHONEMES)) + "]]"
+
+    edits = [(slot, option) for slot, options in CONFUSABLE_PHONEMES.items() for option in options]
+    one_or_two = {changed(dict([a])) for a in edits} | {changed(dict([a, b])) for a in edits for b in edits
+                                                        if a[0] < b[0]}
+    assert set(alikes) <= one_or_two  # one or two slots changed, each to one of its confusable phonemes
+    assert {changed(dict([a])) for a in edits} & set(alikes) and set(alikes) - {changed(dict([a])) for a in edits}
+    assert not is_sound_alike("stop on me") and len(speak(alikes[0], "en-us+m3")) > 0.3 * 16000
+    # near misses only: a fraction of them say a sound-alike (labelled n_irq throughout); positives stay the command
+    spoken = [make_clip("train", i, seed=4, sound_alike_fraction=1.0, negative_seconds=(2.0, 3.0),
+                        lead_seconds=(0.5, 1.0), tail_seconds=(0.0, 0.5), kinds=("white",)) for i in range(24)]
+    near = [c for c in spoken if c["spoken"] and c["command_end"] < 0]
+    assert near and all(is_sound_alike(c["spoken"]) for c in near)
+    assert all(not frame_labels(40, c["command_end"], 0.0853).any() for c in near)
+    assert all(not is_sound_alike(c["spoken"]) for c in spoken if c["command_end"] >= 0)
+    plain = [make_clip("train", i, seed=4, negative_seconds=(2.0, 3.0), lead_seconds=(0.5, 1.0),
+                       tail_seconds=(0.0, 0.5), kinds=("white",)) for i in range(24)]
+    assert {c["spoken"] for c in plain if c["spoken"] and c["command_end"] < 0} <= set(NEAR_MISSES)
+    # without sound-alikes nothing is drawn: the clips made before the option existed
+    assert all(np.array_equal(a["audio"], make_clip("train", i, seed=4, sound_alike_fraction=0.0,
+                                                    negative_seconds=(2.0, 3.0), lead_seconds=(0.5, 1.0),
+                                                    tail_seconds=(0.0, 0.5), kinds=("white",))["audio"])
+               for i, a in enumerate(plain[:4]))
+    with pytest.raises(ValueError, match=r"sound_alike_fraction must be in \[0, 1\], got 2"):
+        make_clip("train", 0, sound_alike_fraction=2)
+    # background talkers may say them among their sentences (a pool of its own); the clip's command stays as it was
+    from mini_omni2.training.duplex_data import SOUND_ALIKE_SENTENCE_POOL, WORDS, _pool_utterance
+
+    _, _, sentence = _pool_utterance("train", 2, pool=SOUND_ALIKE_SENTENCE_POOL)
+    words = sentence.split(" ")
+    assert sum(is_sound_alike(w) for w in words) == 1 and len(words) >= 5  # "[[st'0p" and "'0mni]]" count once
+    assert all(w in WORDS["train"] for w in re.sub(r"\[\[.*\]\]", "", sentence).split())
+    _assert_only_talkers_change("train", 0, 1, ("babble", "white"), talker_sound_alike_fraction=1.0)
+    with pytest.raises(ValueError, match=r"common_word_fraction \+ talker_sound_alike_fraction must be <= 1, got "
+                                         r"0.5 \+ 0.2 \+ 0.4"):
+        make_clip("train", 0, pseudo_word_fraction=0.5, common_word_fraction=0.2, talker_sound_alike_fraction=0.4)
+    # the evaluation counts the sound-alikes apart from the command-free audio, together under one name
+    outcomes = [ClipOutcome(a, "white", False, 1.0, False, True, 0.0, 4.0) for a in alikes[:3]]
+    outcomes += [ClipOutcome("stop", "white", False, None, False, False, 0.0, 4.0)]
+    summary = summarize(outcomes)
+    assert summary["near_miss_interrupted"] == {SOUND_ALIKE_GROUP: 1.0, "stop": 0.0}
 
 
 def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):
@@ -958,6 +1014,10 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                            "--pseudo-word-fraction: must be a fraction in [0, 1], got -1"),
                           (["--common-word-fraction", "1.1"],
                            "--common-word-fraction: must be a fraction in [0, 1], got 1.1"),
+                          (["--sound-alike-fraction", "1.5"],
+                           "--sound-alike-fraction: must be a fraction in [0, 1], got 1.5"),
+                          (["--common-word-fraction", "0.5", "--talker-sound-alike-fraction", "0.6"],
+                           "common_word_fraction + talker_sound_alike_fraction must be <= 1, got 0.5 + 0.6"),
                           (["--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.7"],
                            "pseudo_word_fraction + common_word_fraction must be <= 1, got 0.5 + 0.7"),
                           (["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],
@@ -970,6 +1030,10 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
         assert model.config.listen_adapter == adapter and model.config.text_config.hidden_size == 128
     model = bench.new_model(bench.build_parser().parse_args(["--gru-size", "32"]), seed=0)
     assert model.config.listen_gru_size == 32 and model.model.listen_projector.gru.hidden_size == 32
+    # --seed draws the clips and by default the training; --train-seed another training on the same clips
+    parse = bench.build_parser().parse_args
+    assert bench.training_seed(parse(["--seed", "3"])) == 3
+    assert bench.training_seed(parse(["--seed", "3", "--train-seed", "1003"])) == 1003
 
 
 def test_the_proof_benchmark_distils_its_teachers_and_reads_them_back(tmp_path, capsys):

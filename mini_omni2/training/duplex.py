@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .duplex_data import listen_inputs
+from .duplex_data import is_sound_alike, listen_inputs
 from ..configuration_mini_omni2 import LISTEN_ADAPTERS
 from ..engine_mini_omni2 import ListenRule
 from ..modeling_mini_omni2 import IGNORE_INDEX
@@ -62,6 +62,10 @@ LISTEN_TRAIN_KINDS = ("white", "brown", "tones", "speech", "speech", "speech", "
 LISTEN_PSEUDO_WORD_FRACTION = 0.0
 #: ... and with common English words (:func:`~.duplex_data.common_words`).
 LISTEN_COMMON_WORD_FRACTION = 0.0
+#: The recipe's share of near misses that are sound-alikes of the command, and of the talkers' utterances with one
+#: among their words (options, docs/duplex.md: runs 115-116).
+LISTEN_SOUND_ALIKE_FRACTION = 0.0
+LISTEN_TALKER_SOUND_ALIKE_FRACTION = 0.0
 
 #: The recipe's listening adapter (``config.listen_adapter``): a GRU over the row's frames, which detected 4 points
 #: more than the MLP at the rule chosen on validation over four clip seeds (docs/duplex.md, runs 84-88). A model's
@@ -321,7 +325,8 @@ def parse_width(text: str) -> int:
 def add_listen_training_arguments(parser) -> None:
     """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
     ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction``, ``--positive-fraction``,
-    ``--near-miss-fraction``, ``--pseudo-word-fraction``, ``--common-word-fraction`` and ``--distillation-weight``.
+    ``--near-miss-fraction``, ``--pseudo-word-fraction``, ``--common-word-fraction``, ``--sound-alike-fraction``,
+    ``--talker-sound-alike-fraction`` and ``--distillation-weight``.
     Their values are checked while parsing (:func:`argument_type`), so a bad one is refused before any clip is made;
     :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them into keywords."""
     parser.add_argument("--tail-seconds", type=argument_type(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
@@ -346,6 +351,14 @@ def add_listen_training_arguments(parser) -> None:
                         default=LISTEN_COMMON_WORD_FRACTION,
                         help="share of them with common English words, needs wordfreq (with --pseudo-word-fraction: "
                              "<= 1 in all)")
+    parser.add_argument("--sound-alike-fraction", type=argument_type(parse_fraction),
+                        default=LISTEN_SOUND_ALIKE_FRACTION,
+                        help="share of those clips' near misses that are sound-alikes of the command: one or two of "
+                             "its phonemes changed (docs/duplex.md)")
+    parser.add_argument("--talker-sound-alike-fraction", type=argument_type(parse_fraction),
+                        default=LISTEN_TALKER_SOUND_ALIKE_FRACTION,
+                        help="share of those clips' background utterances with a sound-alike of the command among "
+                             "their words (docs/duplex.md)")
     parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
@@ -362,8 +375,8 @@ def add_listen_adapter_argument(parser, default: str | None) -> None:
 
 
 def check_listen_training_arguments(parser, args) -> None:
-    """What one option's type cannot check: the shares of positives and near misses, and those of made-up and common
-    words, each sum to <= 1 (else ``parser.error``, before any clip or model is made)."""
+    """What one option's type cannot check: the shares of positives and near misses, and the talkers' shares (made-up
+    words, common words, sound-alikes), each sum to <= 1 (else ``parser.error``, before any clip or model is made)."""
     try:
         clip_kwargs(args)
     except ValueError as error:
@@ -422,15 +435,17 @@ def listen_training_kwargs(args) -> dict[str, Any]:
 
 def clip_kwargs(args) -> dict[str, Any]:
     """The keywords of :func:`~.duplex_data.make_clip` that :func:`add_listen_training_arguments` parsed; a ValueError
-    if the shares of positives and near misses, or of made-up and common words, sum to more than 1 (called before any
-    clip is made)."""
+    if the shares of positives and near misses, or the talkers' shares, sum to more than 1 (called before any clip is
+    made)."""
     from .duplex_data import check_clip_fractions, check_talk_fractions
 
     check_clip_fractions(args.positive_fraction, args.near_miss_fraction)
-    check_talk_fractions(args.pseudo_word_fraction, args.common_word_fraction)
+    check_talk_fractions(args.pseudo_word_fraction, args.common_word_fraction, args.talker_sound_alike_fraction)
     return {"kinds": args.train_kinds, "mixture_fraction": args.mixture_fraction,
             "positive_fraction": args.positive_fraction, "near_miss_fraction": args.near_miss_fraction,
-            "pseudo_word_fraction": args.pseudo_word_fraction, "common_word_fraction": args.common_word_fraction}
+            "pseudo_word_fraction": args.pseudo_word_fraction, "common_word_fraction": args.common_word_fraction,
+            "sound_alike_fraction": args.sound_alike_fraction,
+            "talker_sound_alike_fraction": args.talker_sound_alike_fraction}
 
 
 # ----- evaluation --------------------------------------------------------------------------------------------------
@@ -529,14 +544,26 @@ def false_rate_interval(
     return float(low * per_10min), float(high * per_10min)
 
 
+#: The name under which :func:`summarize` counts the near misses that are sound-alikes of the command.
+SOUND_ALIKE_GROUP = "sound-alikes"
+
+
+def _near_miss_groups(near: Sequence[ClipOutcome]) -> dict[str, list[ClipOutcome]]:
+    """Near-miss outcomes by phrase; the sound-alikes (each its own phonemes) together, as :data:`SOUND_ALIKE_GROUP`."""
+    groups: dict[str, list[ClipOutcome]] = {}
+    for outcome in near:
+        groups.setdefault(SOUND_ALIKE_GROUP if is_sound_alike(outcome.spoken) else outcome.spoken, []).append(outcome)
+    return groups
+
+
 def summarize(outcomes: Sequence[ClipOutcome]) -> dict[str, Any]:
     """Detection rate, delays and false interrupts of clip outcomes, overall and per background kind / near miss.
 
     False interrupts are counted per turn (a clip; the row ends at its first irq) over the command-free audio it
     listened to: all of it without near misses (``false_per_10min``), and with them (``false_per_10min_all``);
-    ``near_miss_interrupted`` is the share of near-miss clips that interrupted, per phrase. ``detection_interval``
-    and ``false_per_10min_interval`` are their :data:`INTERVAL_CONFIDENCE` intervals (:func:`detection_interval`,
-    :func:`false_rate_interval`).
+    ``near_miss_interrupted`` is the share of near-miss clips that interrupted, per phrase (the sound-alikes together).
+    ``detection_interval`` and ``false_per_10min_interval`` are their :data:`INTERVAL_CONFIDENCE` intervals
+    (:func:`detection_interval`, :func:`false_rate_interval`).
     """
     positives = [o for o in outcomes if o.has_command]
     delays = np.array([o.delay for o in positives if o.detected], dtype=np.float64)
@@ -569,12 +596,12 @@ def summarize(outcomes: Sequence[ClipOutcome]) -> dict[str, Any]:
         "p90_delay_ms": None if delays.size == 0 else float(np.percentile(delays, 90) * 1000),
         "false_interrupts": false_interrupts,
         "command_free_minutes": command_free_minutes,
-        "false_per_10min": rate(ordinary),
+        "false_per_10min": None if command_free_minutes == 0 else false_interrupts / (command_free_minutes / 10),
         "false_per_10min_interval": false_rate_interval(false_interrupts, command_free_minutes),
         "false_per_10min_all": rate(outcomes),
         "near_miss_interrupted": {
-            phrase: sum(o.false_interrupt for o in near if o.spoken == phrase) / max(1, sum(o.spoken == phrase for o in near))
-            for phrase in sorted({o.spoken for o in near})
+            phrase: sum(o.false_interrupt for o in group) / len(group)
+            for phrase, group in sorted(_near_miss_groups(near).items())
         },
         "by_kind": by_kind,
     }

@@ -5,7 +5,8 @@ sentences, on request with made-up words among them, or noise/music-like signals
 chords, babble; on request hum, sweeps, clatter, and mixtures of two kinds), into which a spoken "stop omni" in a
 random voice is mixed at a random level, followed by a 0-10 s tail of background. Its listening frames are labelled
 ``n_irq`` before the tail and ``irq`` from the frame in which the command ends (:func:`frame_labels`). Negatives have
-no command, or a near miss ("stop", "omni", "stop on me", "top omni") in its place.
+no command, or a near miss ("stop", "omni", "stop on me", "top omni"; on request, a sound-alike of the command: one or
+two of its phonemes changed) in its place; on request, background talkers say sound-alikes among their words.
 
 Clips are made at 16 kHz (a microphone's rate); the model hears them through the listening front end
 (:class:`~mini_omni2.duplex_mini_omni2.MiniOmni2ListenFrontEnd`), which resamples them exactly as it does a live
@@ -144,6 +145,41 @@ def pseudo_word(rng: np.random.Generator) -> str:
                        + PSEUDO_CODAS[rng.integers(len(PSEUDO_CODAS))] for _ in range(int(rng.integers(1, 5))))
         if word not in _NOT_PSEUDO:
             return word
+
+
+#: Sound-alikes of the command (``make_clip(sound_alike_fraction=..., talker_sound_alike_fraction=...)``, options;
+#: docs/duplex.md): the command's phonemes in espeak-ng's mnemonics, one slot per phoneme, and what each slot may
+#: become ("" drops it). A sound-alike changes one or two slots to a clearly different phoneme (never an allophone
+#: that an accent uses for the command itself, such as the final vowel's [I] or the first vowel's [A:]), so it is
+#: never the command; it is made from the command's sounds alone, not from any split's words. Wake-word training
+#: uses such adversarial negatives to teach a detector the command's exact sounds rather than its rough outline.
+COMMAND_PHONEMES = ("s", "t", "'0", "p", " ", "'0", "m", "n", "i")
+CONFUSABLE_PHONEMES = {
+    0: ("S", "f", "T", ""),
+    1: ("k", "p", "n", "l", ""),
+    2: ("'E", "'V", "'a", "'I", "'oU", "'u:", "'eI", "'aI"),
+    3: ("k", "t", "m", "n", ""),
+    5: ("'V", "'E", "'a", "'oU", "'I", "'aU", "'u:"),
+    6: ("n", "b", "l", "N", ""),
+    7: ("l", "d", "t", "r", ""),
+    8: ("eI", "oU", "aI", "@", "u:"),
+}
+
+
+def sound_alike(rng: np.random.Generator) -> str:
+    """A sound-alike of the command (:data:`CONFUSABLE_PHONEMES`): one or two of its phonemes changed, as espeak-ng
+    phoneme input (``[[...]]``)."""
+    phonemes = list(COMMAND_PHONEMES)
+    slots = sorted(CONFUSABLE_PHONEMES)
+    for slot in rng.choice(slots, size=int(rng.integers(1, 3)), replace=False):
+        options = CONFUSABLE_PHONEMES[int(slot)]
+        phonemes[int(slot)] = options[rng.integers(len(options))]
+    return "[[" + "".join(phonemes) + "]]"
+
+
+def is_sound_alike(spoken: str) -> bool:
+    """Whether a clip's ``spoken`` is a sound-alike (:func:`sound_alike`) rather than a phrase of text."""
+    return spoken.startswith("[[")
 
 
 #: Common English words for background talkers (``make_clip(common_word_fraction=...)``): the most frequent
@@ -392,47 +428,71 @@ def _music(rng: np.random.Generator, n: int, chords: bool) -> np.ndarray:
 #: utterance by a random voice of the split at a random speed and pitch.
 SPEECH_POOL_SIZE = {"train": 600, "test": 200}
 PHRASE_POOL_SIZE = {"train": 300, "test": 100}
+#: Sound-alikes per split (:func:`sound_alike`): each pool entry draws its own, so the pool holds many of them.
+SOUND_ALIKE_POOL_SIZE = {"train": 1500, "test": 500}
+
+
+#: The pools of utterances besides the split's background sentences and its phrases (``_pool_utterance(pool=...)``):
+#: sentences with made-up words, sentences of common words, sound-alikes of the command, and the split's sentences
+#: with a sound-alike among their words.
+PSEUDO_POOL, COMMON_POOL, SOUND_ALIKE_POOL, SOUND_ALIKE_SENTENCE_POOL = "pseudo", "common", "alike", "alike-sentence"
+_PHONEME_POOLS = (SOUND_ALIKE_POOL, SOUND_ALIKE_SENTENCE_POOL)  # espeak-ng phoneme input, which flite does not read
+
+
+def _pool_text(split: str, pool: str | None, rng: np.random.Generator) -> str:
+    """What a pool entry says (``pool`` None: one of the split's background sentences)."""
+    if pool == PSEUDO_POOL:
+        return " ".join(pseudo_word(rng) if rng.random() < 0.5 else str(rng.choice(WORDS[split]))
+                        for _ in range(int(rng.integers(4, 11))))
+    if pool == COMMON_POOL:
+        return " ".join(rng.choice(common_words(split), size=int(rng.integers(4, 11))))
+    if pool in _PHONEME_POOLS:
+        alike = sound_alike(rng)
+        if pool == SOUND_ALIKE_POOL:
+            return alike
+        words = list(rng.choice(WORDS[split], size=int(rng.integers(3, 9))))
+        words.insert(int(rng.integers(len(words) + 1)), alike)
+        return " ".join(words)
+    return " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
 
 
 def _pool_utterance(
-    split: str, entry: int, phrase: str | None = None, pseudo: bool = False, common: bool = False
-) -> tuple[np.ndarray, str]:
-    """Pool entry ``entry`` of the split's background sentences (``phrase`` None), of its sentences of made-up words
-    (``pseudo``: half of the words made up, :func:`pseudo_word`), of common words (``common``: :func:`common_words`)
-    or of ``phrase``; and its voice."""
-    pool = "pseudo" if pseudo else "common" if common else phrase or ""
-    rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{pool}".encode()), entry])
+    split: str, entry: int, phrase: str | None = None, pool: str | None = None
+) -> tuple[np.ndarray, str, str]:
+    """Pool entry ``entry`` of ``phrase``, of the split's background sentences (neither given), or of ``pool``
+    (:data:`PSEUDO_POOL`, :data:`COMMON_POOL`, :data:`SOUND_ALIKE_POOL`, :data:`SOUND_ALIKE_SENTENCE_POOL`; the
+    last two in espeak-ng voices only): its audio, its voice and what it says."""
+    rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{pool or phrase or ''}".encode()), entry])
     voices = split_voices(split)
-    if phrase:
-        text = phrase
-    elif pseudo:
-        text = " ".join(pseudo_word(rng) if rng.random() < 0.5 else str(rng.choice(WORDS[split]))
-                        for _ in range(int(rng.integers(4, 11))))
-    elif common:
-        text = " ".join(rng.choice(common_words(split), size=int(rng.integers(4, 11))))
-    else:
-        text = " ".join(rng.choice(WORDS[split], size=int(rng.integers(4, 11))))
-    if FLITE_FRACTION[split] > 0 and rng.random() < FLITE_FRACTION[split]:  # no draw at 0: the same pools as before
+    text = phrase if phrase and not pool else _pool_text(split, pool, rng)
+    # no flite draw at 0, nor for phoneme input: the same pools as before
+    if pool not in _PHONEME_POOLS and FLITE_FRACTION[split] > 0 and rng.random() < FLITE_FRACTION[split]:
         voices = [FLITE_PREFIX + name for name in FLITE_VOICES]
     voice = voices[rng.integers(len(voices))]
-    return speak(text, voice, int(rng.integers(130, 221)), int(rng.integers(20, 81))), voice
+    return speak(text, voice, int(rng.integers(130, 221)), int(rng.integers(20, 81))), voice, text
 
 
 def _talker(
-    rng: np.random.Generator, n: int, split: str, pseudo_word_fraction: float = 0.0, common_word_fraction: float = 0.0
+    rng: np.random.Generator, n: int, split: str, pseudo_word_fraction: float = 0.0, common_word_fraction: float = 0.0,
+    sound_alike_fraction: float = 0.0,
 ) -> np.ndarray:
     """One talker's turn of ``n`` samples: utterances of the split's pool with short pauses, from a random offset; a
-    ``pseudo_word_fraction`` of them from its pool of sentences with made-up words and a ``common_word_fraction``
-    from its pool of sentences of common words (the two fractions sum to at most 1)."""
+    ``pseudo_word_fraction`` of them from its pool of sentences with made-up words, a ``common_word_fraction`` from
+    its pool of sentences of common words and a ``sound_alike_fraction`` from its sentences with a sound-alike of the
+    command (the fractions sum to at most 1)."""
     pieces, total = [], 0
+    shares = (pseudo_word_fraction, common_word_fraction, sound_alike_fraction)
     while total < n:
         entry = int(rng.integers(SPEECH_POOL_SIZE[split]))
-        draw = rng.random() if pseudo_word_fraction > 0 or common_word_fraction > 0 else 1.0  # none: the same clips
-        pseudo = draw < pseudo_word_fraction
-        common = not pseudo and draw < pseudo_word_fraction + common_word_fraction
-        if common:  # its own, larger pool; the entry above stays drawn first, as before common words existed
-            entry = int(rng.integers(COMMON_POOL_SIZE[split]))
-        speech, _ = _pool_utterance(split, entry, pseudo=pseudo, common=common)
+        draw = rng.random() if any(shares) else 1.0  # none: the same clips
+        pool = None
+        if draw < shares[0]:
+            pool = PSEUDO_POOL
+        elif draw < shares[0] + shares[1]:  # its own, larger pool; the entry above stays drawn first, as before
+            pool, entry = COMMON_POOL, int(rng.integers(COMMON_POOL_SIZE[split]))
+        elif draw < sum(shares):
+            pool, entry = SOUND_ALIKE_SENTENCE_POOL, int(rng.integers(SOUND_ALIKE_POOL_SIZE[split]))
+        speech, _, _ = _pool_utterance(split, entry, pool=pool)
         pause = np.zeros(int(CLIP_SAMPLING_RATE * rng.uniform(0.05, 0.6)), dtype=np.float32)
         pieces += [speech, pause]
         total += len(speech) + len(pause)
@@ -487,10 +547,12 @@ def background(
     split: str,
     pseudo_word_fraction: float = 0.0,
     common_word_fraction: float = 0.0,
+    sound_alike_fraction: float = 0.0,
 ) -> np.ndarray:
     """``n`` samples of a background of ``kind`` (one of :data:`KINDS` or :data:`EXTRA_KINDS`), at unit RMS; its
-    talkers say sentences with made-up words for a ``pseudo_word_fraction`` of their utterances and sentences of
-    common words (:func:`common_words`) for a ``common_word_fraction``."""
+    talkers say sentences with made-up words for a ``pseudo_word_fraction`` of their utterances, sentences of
+    common words (:func:`common_words`) for a ``common_word_fraction`` and sentences with a sound-alike of the
+    command (:func:`sound_alike`) for a ``sound_alike_fraction``."""
     if kind in ("white", "pink", "brown"):
         audio = _coloured_noise(rng, n, {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind])
     elif kind in ("tones", "chords"):
@@ -502,10 +564,11 @@ def background(
     elif kind == "clatter":
         audio = _clatter(rng, n)
     elif kind == "speech":
-        audio = _talker(rng, n, split, pseudo_word_fraction, common_word_fraction)
+        audio = _talker(rng, n, split, pseudo_word_fraction, common_word_fraction, sound_alike_fraction)
     elif kind == "babble":
         talkers = int(rng.integers(3, 7))
-        audio = sum(_talker(rng, n, split, pseudo_word_fraction, common_word_fraction) for _ in range(talkers))
+        audio = sum(_talker(rng, n, split, pseudo_word_fraction, common_word_fraction, sound_alike_fraction)
+                    for _ in range(talkers))
     else:
         check_kinds([kind])  # raises: every known kind is handled above
     return (audio / _rms(audio)).astype(np.float32)
@@ -544,13 +607,18 @@ def check_fraction(value: float, name: str) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def check_talk_fractions(pseudo_word_fraction: float, common_word_fraction: float) -> None:
-    """A ValueError unless the talkers' shares of made-up and of common words are each in [0, 1] and sum to <= 1."""
-    check_fraction(pseudo_word_fraction, "pseudo_word_fraction")
-    check_fraction(common_word_fraction, "common_word_fraction")
-    if pseudo_word_fraction + common_word_fraction > 1:
-        raise ValueError(f"pseudo_word_fraction + common_word_fraction must be <= 1, got {pseudo_word_fraction} + "
-                         f"{common_word_fraction}")
+def check_talk_fractions(
+    pseudo_word_fraction: float, common_word_fraction: float, talker_sound_alike_fraction: float = 0.0
+) -> None:
+    """A ValueError unless the talkers' shares of made-up words, of common words and of sentences with a sound-alike
+    of the command are each in [0, 1] and sum to <= 1."""
+    shares = {"pseudo_word_fraction": pseudo_word_fraction, "common_word_fraction": common_word_fraction,
+              "talker_sound_alike_fraction": talker_sound_alike_fraction}
+    for name, share in shares.items():
+        check_fraction(share, name)
+    if sum(shares.values()) > 1:
+        given = {name: share for name, share in shares.items() if share}
+        raise ValueError(f"{' + '.join(given)} must be <= 1, got {' + '.join(str(v) for v in given.values())}")
 
 
 def check_mixture_fraction(mixture_fraction: float) -> None:
@@ -587,6 +655,8 @@ def make_clip(
     mixture_fraction: float = 0.0,
     pseudo_word_fraction: float = 0.0,
     common_word_fraction: float = 0.0,
+    sound_alike_fraction: float = 0.0,
+    talker_sound_alike_fraction: float = 0.0,
 ) -> dict:
     """Clip ``index`` of ``split``: deterministic in ``(seed, split, index)``.
 
@@ -596,7 +666,8 @@ def make_clip(
     pool made the clip's own by :func:`perturb` (``speed_perturbation``). A ``mixture_fraction`` of the clips mix a
     second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). Talkers of
     the background say sentences with made-up words (:func:`pseudo_word`) for ``pseudo_word_fraction`` of their
-    utterances, and sentences of common English words (:func:`common_words`) for ``common_word_fraction``. The mix is
+    utterances, and sentences of common English words (:func:`common_words`) for ``common_word_fraction``. A
+    ``sound_alike_fraction`` of the near misses are sound-alikes of the command (:func:`sound_alike`). The mix is
     scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio``
     (float32, 16 kHz), ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where
     and by whom.
@@ -604,9 +675,10 @@ def make_clip(
     _check_split(split)
     check_clip_fractions(positive_fraction, near_miss_fraction)
     check_mixture_fraction(mixture_fraction)
-    check_talk_fractions(pseudo_word_fraction, common_word_fraction)
+    check_talk_fractions(pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
+    check_fraction(sound_alike_fraction, "sound_alike_fraction")
     kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
-    talk = (pseudo_word_fraction, common_word_fraction)
+    talk = (pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
     draw = rng.random()
     positive = draw < positive_fraction
@@ -615,11 +687,15 @@ def make_clip(
         spoken = COMMAND_TEXTS[rng.integers(len(COMMAND_TEXTS))]
     elif draw < positive_fraction + near_miss_fraction:
         spoken = NEAR_MISSES[rng.integers(len(NEAR_MISSES))]
+    # no draw without sound-alikes: the same clips as before
+    alike = bool(spoken) and not positive and sound_alike_fraction > 0 and rng.random() < sound_alike_fraction
     kind = kinds[rng.integers(len(kinds))]
     voice = ""
     utterance = np.zeros(0, np.float32)
     if spoken:
-        utterance, voice = _pool_utterance(split, int(rng.integers(PHRASE_POOL_SIZE[split])), spoken)
+        size = SOUND_ALIKE_POOL_SIZE if alike else PHRASE_POOL_SIZE
+        utterance, voice, spoken = _pool_utterance(split, int(rng.integers(size[split])), spoken,
+                                                   pool=SOUND_ALIKE_POOL if alike else None)
         utterance = perturb(utterance, rng, speed_perturbation)
     rate = CLIP_SAMPLING_RATE
     if positive:
@@ -722,6 +798,10 @@ __all__ = [
     "check_mixture_fraction",
     "WORDS",
     "pseudo_word",
+    "COMMAND_PHONEMES",
+    "CONFUSABLE_PHONEMES",
+    "sound_alike",
+    "is_sound_alike",
     "common_words",
     "check_talk_fractions",
     "split_voices",
