@@ -1188,16 +1188,19 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     args = script.build_parser().parse_args(["--output-dir", "x", "--tail-seconds", "0",
                                              "--train-kinds", "hum,speech", "--mixture-fraction", "0.5",
                                              "--positive-fraction", "0.7", "--near-miss-fraction", "0.1",
-                                             "--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.25"])
+                                             "--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.25",
+                                             "--sound-alike-fraction", "0.4", "--talker-sound-alike-fraction", "0.2"])
     from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
 
     assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999, "distillation_weight": 0.5}
     assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5, "positive_fraction": 0.7,
-                                 "near_miss_fraction": 0.1, "pseudo_word_fraction": 0.5, "common_word_fraction": 0.25}
+                                 "near_miss_fraction": 0.1, "pseudo_word_fraction": 0.5, "common_word_fraction": 0.25,
+                                 "sound_alike_fraction": 0.4, "talker_sound_alike_fraction": 0.2}
     for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"], ["--pseudo-word-fraction", "2"],
-                # a share outside [0, 1], or the sum of positives and near misses (or of made-up and common words)
+                # a share outside [0, 1], or the sum of positives and near misses (or of the talkers' shares)
                 ["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],  # over 1
-                ["--pseudo-word-fraction", "0.8", "--common-word-fraction", "0.3"]):
+                ["--pseudo-word-fraction", "0.8", "--common-word-fraction", "0.3"],
+                ["--pseudo-word-fraction", "0.8", "--talker-sound-alike-fraction", "0.3"]):
         with pytest.raises(SystemExit):
             script.main(["--output-dir", str(tmp_path / "refused"), *bad])
     assert not (tmp_path / "refused").exists()
