@@ -579,7 +579,7 @@ def test_the_rule_chosen_on_validation_detects_most_within_the_false_interrupt_l
 
 
 def test_the_evaluation_reports_95_percent_intervals_of_its_small_counts():
-    from mini_omni2.training.duplex import ClipOutcome, detection_interval, false_rate_interval, summarize
+    from mini_omni2.training.duplex import ClipOutcome, detection_interval, false_rate_interval, per_10min, summarize
 
     # Wilson: no detection in 10 commands is consistent with up to 27.8 %; all of them with down to 72.2 %
     assert detection_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
@@ -590,6 +590,7 @@ def test_the_evaluation_reports_95_percent_intervals_of_its_small_counts():
     low, high = false_rate_interval(2, 28.5)  # the proof's 0.70 per 10 minutes: 2 in 28.5 minutes
     assert low < 0.7 < 1.0 < high  # the goal lies inside: one run cannot tell 0.70 from 1
     assert false_rate_interval(3, 0.0) is None
+    assert per_10min(2, 28.5) == pytest.approx(0.7018, abs=1e-4) and per_10min(3, 0.0) is None
 
     def outcome(has_command, detected, false, seconds):
         return ClipOutcome("stop omni" if has_command else "", "speech", has_command, None, detected, false,

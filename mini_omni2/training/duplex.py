@@ -528,6 +528,11 @@ def detection_interval(
     return float(interval.low), float(interval.high)
 
 
+def per_10min(count: float, minutes: float) -> float | None:
+    """``count`` events in ``minutes`` of audio as a rate per 10 minutes (None without audio)."""
+    return None if minutes <= 0 else count * 10.0 / minutes
+
+
 def false_rate_interval(
     false_interrupts: int, command_free_minutes: float, confidence: float = INTERVAL_CONFIDENCE
 ) -> tuple[float, float] | None:
@@ -540,8 +545,7 @@ def false_rate_interval(
     tail = (1 - confidence) / 2
     low = 0.0 if false_interrupts == 0 else chi2.ppf(tail, 2 * false_interrupts) / 2
     high = chi2.ppf(1 - tail, 2 * false_interrupts + 2) / 2
-    per_10min = 10.0 / command_free_minutes
-    return float(low * per_10min), float(high * per_10min)
+    return float(per_10min(low, command_free_minutes)), float(per_10min(high, command_free_minutes))
 
 
 #: The name under which :func:`summarize` counts the near misses that are sound-alikes of the command.
@@ -571,8 +575,7 @@ def summarize(outcomes: Sequence[ClipOutcome]) -> dict[str, Any]:
     near = [o for o in outcomes if not o.has_command and o.spoken]
 
     def rate(items) -> float | None:
-        seconds = sum(o.command_free_seconds for o in items)
-        return None if seconds == 0 else sum(o.false_interrupt for o in items) / (seconds / 600.0)
+        return per_10min(sum(o.false_interrupt for o in items), sum(o.command_free_seconds for o in items) / 60)
 
     by_kind = {}
     for kind in sorted({o.kind for o in outcomes}):
@@ -596,7 +599,7 @@ def summarize(outcomes: Sequence[ClipOutcome]) -> dict[str, Any]:
         "p90_delay_ms": None if delays.size == 0 else float(np.percentile(delays, 90) * 1000),
         "false_interrupts": false_interrupts,
         "command_free_minutes": command_free_minutes,
-        "false_per_10min": None if command_free_minutes == 0 else false_interrupts / (command_free_minutes / 10),
+        "false_per_10min": per_10min(false_interrupts, command_free_minutes),
         "false_per_10min_interval": false_rate_interval(false_interrupts, command_free_minutes),
         "false_per_10min_all": rate(outcomes),
         "near_miss_interrupted": {
@@ -680,6 +683,7 @@ __all__ = [
     "INTERVAL_CONFIDENCE",
     "detection_interval",
     "false_rate_interval",
+    "per_10min",
     "summarize",
     "evaluate_listener",
     "LISTEN_RULE_GRID",

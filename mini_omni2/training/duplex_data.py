@@ -459,12 +459,13 @@ def _pool_text(split: str, pool: str | None, rng: np.random.Generator) -> str:
 def _pool_utterance(
     split: str, entry: int, phrase: str | None = None, pool: str | None = None
 ) -> tuple[np.ndarray, str, str]:
-    """Pool entry ``entry`` of ``phrase``, of the split's background sentences (neither given), or of ``pool``
-    (:data:`PSEUDO_POOL`, :data:`COMMON_POOL`, :data:`SOUND_ALIKE_POOL`, :data:`SOUND_ALIKE_SENTENCE_POOL`; the
-    last two in espeak-ng voices only): its audio, its voice and what it says."""
+    """Pool entry ``entry`` of ``phrase``, of ``pool`` (one of the two), or of the split's background sentences
+    (neither given). The pools:
+    :data:`PSEUDO_POOL`, :data:`COMMON_POOL`, :data:`SOUND_ALIKE_POOL`, :data:`SOUND_ALIKE_SENTENCE_POOL` (the last
+    two in espeak-ng voices only). Returns its audio, its voice and what it says."""
     rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{pool or phrase or ''}".encode()), entry])
     voices = split_voices(split)
-    text = phrase if phrase and not pool else _pool_text(split, pool, rng)
+    text = phrase or _pool_text(split, pool, rng)
     # no flite draw at 0, nor for phoneme input: the same pools as before
     if pool not in _PHONEME_POOLS and FLITE_FRACTION[split] > 0 and rng.random() < FLITE_FRACTION[split]:
         voices = [FLITE_PREFIX + name for name in FLITE_VOICES]
@@ -474,14 +475,14 @@ def _pool_utterance(
 
 def _talker(
     rng: np.random.Generator, n: int, split: str, pseudo_word_fraction: float = 0.0, common_word_fraction: float = 0.0,
-    sound_alike_fraction: float = 0.0,
+    talker_sound_alike_fraction: float = 0.0,
 ) -> np.ndarray:
     """One talker's turn of ``n`` samples: utterances of the split's pool with short pauses, from a random offset; a
     ``pseudo_word_fraction`` of them from its pool of sentences with made-up words, a ``common_word_fraction`` from
-    its pool of sentences of common words and a ``sound_alike_fraction`` from its sentences with a sound-alike of the
-    command (the fractions sum to at most 1)."""
+    its pool of sentences of common words and a ``talker_sound_alike_fraction`` from its sentences with a sound-alike
+    of the command (the fractions sum to at most 1)."""
     pieces, total = [], 0
-    shares = (pseudo_word_fraction, common_word_fraction, sound_alike_fraction)
+    shares = (pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
     while total < n:
         entry = int(rng.integers(SPEECH_POOL_SIZE[split]))
         draw = rng.random() if any(shares) else 1.0  # none: the same clips
@@ -547,12 +548,12 @@ def background(
     split: str,
     pseudo_word_fraction: float = 0.0,
     common_word_fraction: float = 0.0,
-    sound_alike_fraction: float = 0.0,
+    talker_sound_alike_fraction: float = 0.0,
 ) -> np.ndarray:
     """``n`` samples of a background of ``kind`` (one of :data:`KINDS` or :data:`EXTRA_KINDS`), at unit RMS; its
     talkers say sentences with made-up words for a ``pseudo_word_fraction`` of their utterances, sentences of
     common words (:func:`common_words`) for a ``common_word_fraction`` and sentences with a sound-alike of the
-    command (:func:`sound_alike`) for a ``sound_alike_fraction``."""
+    command (:func:`sound_alike`) for a ``talker_sound_alike_fraction``."""
     if kind in ("white", "pink", "brown"):
         audio = _coloured_noise(rng, n, {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind])
     elif kind in ("tones", "chords"):
@@ -564,10 +565,10 @@ def background(
     elif kind == "clatter":
         audio = _clatter(rng, n)
     elif kind == "speech":
-        audio = _talker(rng, n, split, pseudo_word_fraction, common_word_fraction, sound_alike_fraction)
+        audio = _talker(rng, n, split, pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
     elif kind == "babble":
         talkers = int(rng.integers(3, 7))
-        audio = sum(_talker(rng, n, split, pseudo_word_fraction, common_word_fraction, sound_alike_fraction)
+        audio = sum(_talker(rng, n, split, pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
                     for _ in range(talkers))
     else:
         check_kinds([kind])  # raises: every known kind is handled above
@@ -667,7 +668,8 @@ def make_clip(
     second background of ``kinds`` into the first, 0-15 dB below it (their ``kind`` is ``"first+second"``). Talkers of
     the background say sentences with made-up words (:func:`pseudo_word`) for ``pseudo_word_fraction`` of their
     utterances, and sentences of common English words (:func:`common_words`) for ``common_word_fraction``. A
-    ``sound_alike_fraction`` of the near misses are sound-alikes of the command (:func:`sound_alike`). The mix is
+    ``sound_alike_fraction`` of the near misses are sound-alikes of the command (:func:`sound_alike`), and the talkers
+    say sentences with a sound-alike among their words for ``talker_sound_alike_fraction``. The mix is
     scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio``
     (float32, 16 kHz), ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where
     and by whom.
@@ -694,7 +696,7 @@ def make_clip(
     utterance = np.zeros(0, np.float32)
     if spoken:
         size = SOUND_ALIKE_POOL_SIZE if alike else PHRASE_POOL_SIZE
-        utterance, voice, spoken = _pool_utterance(split, int(rng.integers(size[split])), spoken,
+        utterance, voice, spoken = _pool_utterance(split, int(rng.integers(size[split])), None if alike else spoken,
                                                    pool=SOUND_ALIKE_POOL if alike else None)
         utterance = perturb(utterance, rng, speed_perturbation)
     rate = CLIP_SAMPLING_RATE
