@@ -914,6 +914,48 @@ def test_near_misses_may_be_sound_alikes_of_the_command_one_or_two_phonemes_away
     assert summary["near_miss_interrupted"] == {SOUND_ALIKE_GROUP: 1.0, "stop": 0.0}
 
 
+def test_distractors_are_short_phrases_of_the_splits_words_said_where_the_command_would_be_and_never_labelled():
+    from mini_omni2.training.duplex import DISTRACTOR_GROUP, SOUND_ALIKE_GROUP, ClipOutcome, summarize
+    from mini_omni2.training.duplex_data import (COMMAND_TEXTS, DISTRACTOR_WORDS, NEAR_MISSES, WORDS, frame_labels,
+                                                 make_clip)
+
+    short = dict(negative_seconds=(2.0, 3.0), lead_seconds=(0.5, 1.0), tail_seconds=(0.0, 0.5), kinds=("white",))
+    clips = [make_clip("train", i, seed=5, distractor_fraction=1.0, **short) for i in range(24)]
+    plain = [make_clip("train", i, seed=5, **short) for i in range(24)]
+    # every clip of background alone says one instead; the commands and the near misses stay as they were
+    for clip, before in zip(clips, plain):
+        if before["spoken"]:
+            assert clip["spoken"] == before["spoken"] and np.array_equal(clip["audio"], before["audio"])
+    distractors = [c for c, before in zip(clips, plain) if not before["spoken"]]
+    assert distractors and all(c["command_start"] == c["command_end"] == -1 for c in distractors)
+    for clip in distractors:
+        words = clip["spoken"].split(" ")
+        assert DISTRACTOR_WORDS[0] <= len(words) <= DISTRACTOR_WORDS[1] and set(words) <= set(WORDS["train"])
+        assert clip["spoken"] not in COMMAND_TEXTS + NEAR_MISSES and 0 <= clip["spoken_start"] < clip["spoken_end"]
+        assert clip["snr_db"] >= 5.0  # at the command's level over the background
+        assert not frame_labels(40, clip["command_end"], 0.085).any()  # n_irq throughout
+    test_clip = next(c for i in range(40) if (c := make_clip("test", i, seed=5, distractor_fraction=1.0, **short))
+                     ["spoken"] and c["spoken"] not in NEAR_MISSES + COMMAND_TEXTS)
+    assert set(test_clip["spoken"].split(" ")) <= set(WORDS["test"])  # each split's own words
+    # deterministic, and a share of them: about half at 0.5
+    assert all(np.array_equal(a["audio"], make_clip("train", i, seed=5, distractor_fraction=1.0, **short)["audio"])
+               for i, a in enumerate(clips[:4]))
+    half = [make_clip("train", i, seed=5, distractor_fraction=0.5, **short)["spoken"] for i in range(80)]
+    said = sum(bool(s) and s not in NEAR_MISSES + COMMAND_TEXTS for s in half)
+    assert 0 < said < sum(not s or s not in NEAR_MISSES + COMMAND_TEXTS for s in half)
+    with pytest.raises(ValueError, match=r"distractor_fraction must be in \[0, 1\], got -0.5"):
+        make_clip("train", 0, distractor_fraction=-0.5)
+    # the evaluation counts them apart from the command-free audio, together under one name
+    outcomes = [ClipOutcome(c["spoken"], "white", False, None, False, False, None, 4.0) for c in distractors[:2]]
+    outcomes += [ClipOutcome(distractors[2]["spoken"], "white", False, 10, False, True, None, 4.0),
+                 ClipOutcome("[[st'0p 'Vmni]]", "white", False, 10, False, True, None, 4.0),
+                 ClipOutcome("omni", "white", False, None, False, False, None, 4.0)]
+    summary = summarize(outcomes)
+    assert summary["near_miss_interrupted"] == {DISTRACTOR_GROUP: pytest.approx(1 / 3), SOUND_ALIKE_GROUP: 1.0,
+                                                "omni": 0.0}
+    assert summary["false_interrupts"] == 0 and summary["false_per_10min_all"] == pytest.approx(2 * 600 / 20)  # 2 in 20 s
+
+
 def test_clips_build_a_dataset_and_map_to_listening_rows(features_model, processor_no_vision):
     import datasets
 
@@ -1018,6 +1060,8 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                            "--common-word-fraction: must be a fraction in [0, 1], got 1.1"),
                           (["--sound-alike-fraction", "1.5"],
                            "--sound-alike-fraction: must be a fraction in [0, 1], got 1.5"),
+                          (["--distractor-fraction", "-0.2"],
+                           "--distractor-fraction: must be a fraction in [0, 1], got -0.2"),
                           (["--common-word-fraction", "0.5", "--talker-sound-alike-fraction", "0.6"],
                            "common_word_fraction + talker_sound_alike_fraction must be <= 1, got 0.5 + 0.6"),
                           (["--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.7"],
@@ -1191,13 +1235,15 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
                                              "--train-kinds", "hum,speech", "--mixture-fraction", "0.5",
                                              "--positive-fraction", "0.7", "--near-miss-fraction", "0.1",
                                              "--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.25",
-                                             "--sound-alike-fraction", "0.4", "--talker-sound-alike-fraction", "0.2"])
+                                             "--sound-alike-fraction", "0.4", "--talker-sound-alike-fraction", "0.2",
+                                             "--distractor-fraction", "0.3"])
     from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
 
     assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999, "distillation_weight": 0.5}
     assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5, "positive_fraction": 0.7,
                                  "near_miss_fraction": 0.1, "pseudo_word_fraction": 0.5, "common_word_fraction": 0.25,
-                                 "sound_alike_fraction": 0.4, "talker_sound_alike_fraction": 0.2}
+                                 "sound_alike_fraction": 0.4, "talker_sound_alike_fraction": 0.2,
+                                 "distractor_fraction": 0.3}
     for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"], ["--pseudo-word-fraction", "2"],
                 # a share outside [0, 1], or the sum of positives and near misses (or of the talkers' shares)
                 ["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],  # over 1

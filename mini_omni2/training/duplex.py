@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .duplex_data import is_sound_alike, listen_inputs
+from .duplex_data import NEAR_MISSES, is_sound_alike, listen_inputs
 from ..configuration_mini_omni2 import LISTEN_ADAPTERS
 from ..engine_mini_omni2 import ListenRule
 from ..modeling_mini_omni2 import IGNORE_INDEX
@@ -66,6 +66,8 @@ LISTEN_COMMON_WORD_FRACTION = 0.0
 #: among their words (options, docs/duplex.md: runs 115-116).
 LISTEN_SOUND_ALIKE_FRACTION = 0.0
 LISTEN_TALKER_SOUND_ALIKE_FRACTION = 0.0
+#: The recipe's share of the clips of background alone that say a distractor (an option, docs/duplex.md: run 118).
+LISTEN_DISTRACTOR_FRACTION = 0.0
 
 #: The recipe's listening adapter (``config.listen_adapter``): a GRU over the row's frames, which detected 4 points
 #: more than the MLP at the rule chosen on validation over four clip seeds (docs/duplex.md, runs 84-88). A model's
@@ -326,7 +328,7 @@ def add_listen_training_arguments(parser) -> None:
     """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
     ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction``, ``--positive-fraction``,
     ``--near-miss-fraction``, ``--pseudo-word-fraction``, ``--common-word-fraction``, ``--sound-alike-fraction``,
-    ``--talker-sound-alike-fraction`` and ``--distillation-weight``.
+    ``--talker-sound-alike-fraction``, ``--distractor-fraction`` and ``--distillation-weight``.
     Their values are checked while parsing (:func:`argument_type`), so a bad one is refused before any clip is made;
     :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them into keywords."""
     parser.add_argument("--tail-seconds", type=argument_type(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
@@ -359,6 +361,10 @@ def add_listen_training_arguments(parser) -> None:
                         default=LISTEN_TALKER_SOUND_ALIKE_FRACTION,
                         help="share of those clips' background utterances with a sound-alike of the command among "
                              "their words (docs/duplex.md)")
+    parser.add_argument("--distractor-fraction", type=argument_type(parse_fraction),
+                        default=LISTEN_DISTRACTOR_FRACTION,
+                        help="share of those clips of background alone that say a distractor at the command's level: "
+                             "a short phrase of background words (docs/duplex.md)")
     parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
@@ -445,7 +451,8 @@ def clip_kwargs(args) -> dict[str, Any]:
             "positive_fraction": args.positive_fraction, "near_miss_fraction": args.near_miss_fraction,
             "pseudo_word_fraction": args.pseudo_word_fraction, "common_word_fraction": args.common_word_fraction,
             "sound_alike_fraction": args.sound_alike_fraction,
-            "talker_sound_alike_fraction": args.talker_sound_alike_fraction}
+            "talker_sound_alike_fraction": args.talker_sound_alike_fraction,
+            "distractor_fraction": args.distractor_fraction}
 
 
 # ----- evaluation --------------------------------------------------------------------------------------------------
@@ -548,15 +555,24 @@ def false_rate_interval(
     return float(per_10min(low, command_free_minutes)), float(per_10min(high, command_free_minutes))
 
 
-#: The name under which :func:`summarize` counts the near misses that are sound-alikes of the command.
+#: The names under which :func:`summarize` counts the near misses that are sound-alikes of the command, and the
+#: distractors (``make_clip(distractor_fraction=...)``), each kind together.
 SOUND_ALIKE_GROUP = "sound-alikes"
+DISTRACTOR_GROUP = "distractors"
+
+
+def _phrase_group(spoken: str) -> str:
+    """The group of a clip's phrase: a near miss's own phrase, :data:`SOUND_ALIKE_GROUP` or :data:`DISTRACTOR_GROUP`."""
+    if spoken in NEAR_MISSES:
+        return spoken
+    return SOUND_ALIKE_GROUP if is_sound_alike(spoken) else DISTRACTOR_GROUP
 
 
 def _near_miss_groups(near: Sequence[ClipOutcome]) -> dict[str, list[ClipOutcome]]:
-    """Near-miss outcomes by phrase; the sound-alikes (each its own phonemes) together, as :data:`SOUND_ALIKE_GROUP`."""
+    """Outcomes of the clips with a phrase but no command, by :func:`_phrase_group`."""
     groups: dict[str, list[ClipOutcome]] = {}
     for outcome in near:
-        groups.setdefault(SOUND_ALIKE_GROUP if is_sound_alike(outcome.spoken) else outcome.spoken, []).append(outcome)
+        groups.setdefault(_phrase_group(outcome.spoken), []).append(outcome)
     return groups
 
 

@@ -430,12 +430,18 @@ SPEECH_POOL_SIZE = {"train": 600, "test": 200}
 PHRASE_POOL_SIZE = {"train": 300, "test": 100}
 #: Sound-alikes per split (:func:`sound_alike`): each pool entry draws its own, so the pool holds many of them.
 SOUND_ALIKE_POOL_SIZE = {"train": 1500, "test": 500}
+#: Distractors per split (``make_clip(distractor_fraction=...)``): short phrases of the split's words, each entry its
+#: own phrase and voice.
+DISTRACTOR_POOL_SIZE = {"train": 1500, "test": 500}
+#: Words in a distractor: about as long as the command, or a little longer.
+DISTRACTOR_WORDS = (1, 4)
 
 
 #: The pools of utterances besides the split's background sentences and its phrases (``_pool_utterance(pool=...)``):
-#: sentences with made-up words, sentences of common words, sound-alikes of the command, and the split's sentences
-#: with a sound-alike among their words.
+#: sentences with made-up words, sentences of common words, sound-alikes of the command, the split's sentences
+#: with a sound-alike among their words, and distractors (short phrases of the split's words).
 PSEUDO_POOL, COMMON_POOL, SOUND_ALIKE_POOL, SOUND_ALIKE_SENTENCE_POOL = "pseudo", "common", "alike", "alike-sentence"
+DISTRACTOR_POOL = "distractor"
 _PHONEME_POOLS = (SOUND_ALIKE_POOL, SOUND_ALIKE_SENTENCE_POOL)  # espeak-ng phoneme input, which flite does not read
 
 
@@ -446,6 +452,9 @@ def _pool_text(split: str, pool: str | None, rng: np.random.Generator) -> str:
                         for _ in range(int(rng.integers(4, 11))))
     if pool == COMMON_POOL:
         return " ".join(rng.choice(common_words(split), size=int(rng.integers(4, 11))))
+    if pool == DISTRACTOR_POOL:
+        low, high = DISTRACTOR_WORDS
+        return " ".join(rng.choice(WORDS[split], size=int(rng.integers(low, high + 1))))
     if pool in _PHONEME_POOLS:
         alike = sound_alike(rng)
         if pool == SOUND_ALIKE_POOL:
@@ -461,8 +470,8 @@ def _pool_utterance(
 ) -> tuple[np.ndarray, str, str]:
     """Pool entry ``entry`` of ``phrase``, of ``pool`` (one of the two), or of the split's background sentences
     (neither given). The pools:
-    :data:`PSEUDO_POOL`, :data:`COMMON_POOL`, :data:`SOUND_ALIKE_POOL`, :data:`SOUND_ALIKE_SENTENCE_POOL` (the last
-    two in espeak-ng voices only). Returns its audio, its voice and what it says."""
+    :data:`PSEUDO_POOL`, :data:`COMMON_POOL`, :data:`SOUND_ALIKE_POOL`, :data:`SOUND_ALIKE_SENTENCE_POOL` (these
+    two in espeak-ng voices only) and :data:`DISTRACTOR_POOL`. Returns its audio, its voice and what it says."""
     rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{pool or phrase or ''}".encode()), entry])
     voices = split_voices(split)
     text = phrase or _pool_text(split, pool, rng)
@@ -658,6 +667,7 @@ def make_clip(
     common_word_fraction: float = 0.0,
     sound_alike_fraction: float = 0.0,
     talker_sound_alike_fraction: float = 0.0,
+    distractor_fraction: float = 0.0,
 ) -> dict:
     """Clip ``index`` of ``split``: deterministic in ``(seed, split, index)``.
 
@@ -669,7 +679,9 @@ def make_clip(
     the background say sentences with made-up words (:func:`pseudo_word`) for ``pseudo_word_fraction`` of their
     utterances, and sentences of common English words (:func:`common_words`) for ``common_word_fraction``. A
     ``sound_alike_fraction`` of the near misses are sound-alikes of the command (:func:`sound_alike`), and the talkers
-    say sentences with a sound-alike among their words for ``talker_sound_alike_fraction``. The mix is
+    say sentences with a sound-alike among their words for ``talker_sound_alike_fraction``. A ``distractor_fraction``
+    of the clips of background alone say a distractor in the phrase's place, at the command's level: a short phrase
+    of the split's background words (:data:`DISTRACTOR_WORDS`) in a random voice, never the command. The mix is
     scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio``
     (float32, 16 kHz), ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where
     and by whom.
@@ -679,6 +691,7 @@ def make_clip(
     check_mixture_fraction(mixture_fraction)
     check_talk_fractions(pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
     check_fraction(sound_alike_fraction, "sound_alike_fraction")
+    check_fraction(distractor_fraction, "distractor_fraction")
     kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
     talk = (pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
@@ -689,15 +702,18 @@ def make_clip(
         spoken = COMMAND_TEXTS[rng.integers(len(COMMAND_TEXTS))]
     elif draw < positive_fraction + near_miss_fraction:
         spoken = NEAR_MISSES[rng.integers(len(NEAR_MISSES))]
-    # no draw without sound-alikes: the same clips as before
+    # no draw without distractors or sound-alikes: the same clips as before
+    distractor = not spoken and distractor_fraction > 0 and rng.random() < distractor_fraction
     alike = bool(spoken) and not positive and sound_alike_fraction > 0 and rng.random() < sound_alike_fraction
     kind = kinds[rng.integers(len(kinds))]
     voice = ""
     utterance = np.zeros(0, np.float32)
-    if spoken:
-        size = SOUND_ALIKE_POOL_SIZE if alike else PHRASE_POOL_SIZE
-        utterance, voice, spoken = _pool_utterance(split, int(rng.integers(size[split])), None if alike else spoken,
-                                                   pool=SOUND_ALIKE_POOL if alike else None)
+    if spoken or distractor:
+        pool = SOUND_ALIKE_POOL if alike else DISTRACTOR_POOL if distractor else None
+        size = {SOUND_ALIKE_POOL: SOUND_ALIKE_POOL_SIZE, DISTRACTOR_POOL: DISTRACTOR_POOL_SIZE}.get(pool,
+                                                                                                   PHRASE_POOL_SIZE)
+        utterance, voice, spoken = _pool_utterance(split, int(rng.integers(size[split])), None if pool else spoken,
+                                                   pool=pool)
         utterance = perturb(utterance, rng, speed_perturbation)
     rate = CLIP_SAMPLING_RATE
     if positive:
