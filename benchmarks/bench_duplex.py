@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mini_omni2 import MiniOmni2Config  # noqa: E402
 from mini_omni2.training.duplex import (  # noqa: E402
     EVALUATION_TAIL_SECONDS,
+    HARD_EXAMPLE_CLIPS,
+    HARD_EXAMPLE_REPEAT,
     INTERVAL_CONFIDENCE,
     LISTEN_ADAPTER,
     LISTEN_RULE_GRID,
@@ -175,16 +177,21 @@ def new_model(args, seed: int):
 
 def train_model(args, model, train, seed: int, teachers=()):
     """The recipe's training (``train_listener``) of ``model`` from ``seed`` (clip order), distilled from
-    ``teachers`` when given."""
+    ``teachers`` when given, then the hard-example round when ``--hard-example-steps`` asks for one."""
     from mini_omni2.tiny import tiny_processor
-    from mini_omni2.training.duplex import train_listener
+    from mini_omni2.training.duplex import train_listener, train_on_hard_examples
 
-    return train_listener(
-        model, tiny_processor(vision=False), train, args.output_dir, max_steps=args.steps,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
-        mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp, teachers=teachers,
-        **listen_training_kwargs(args),
-    )
+    processor = tiny_processor(vision=False)
+    common = dict(batch_size=args.batch_size, mask_bands=args.mask_bands, mask_width=args.mask_width, warp=args.warp,
+                  teachers=teachers, **listen_training_kwargs(args))
+    output = train_listener(model, processor, train, args.output_dir, max_steps=args.steps,
+                            learning_rate=args.learning_rate, seed=seed, **common)
+    if args.hard_example_steps:
+        _, hard = train_on_hard_examples(model, processor, train, args.output_dir, args.hard_example_steps,
+                                              args.hard_example_clips, args.hard_example_repeat, seed=seed, **common)
+        print(f"hard-example round: {len(hard)} of the first {min(args.hard_example_clips, len(train))} training "
+              f"clips, {args.hard_example_steps} steps", flush=True)
+    return output  # the training's, not the round's
 
 
 def training_seed(args) -> int:
@@ -470,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teachers", type=argument_type(parse_count), default=0,
                         help="train this many models of the recipe first and distil their average into the scored one")
     parser.add_argument("--teacher-dir", help="save the teachers here and read them back in later runs")
+    parser.add_argument("--hard-example-steps", type=argument_type(parse_count), default=0,
+                        help="after training, this many steps more with the training clips the row gets wrong "
+                             "repeated (the hard-example round, docs/duplex.md; 0: none)")
+    parser.add_argument("--hard-example-clips", type=argument_type(parse_width), default=HARD_EXAMPLE_CLIPS,
+                        help="training clips the row scores to find them")
+    parser.add_argument("--hard-example-repeat", type=argument_type(parse_width), default=HARD_EXAMPLE_REPEAT,
+                        help="times each is added")
     parser.add_argument("--val-clips", type=int, default=1000, help="unseen train-split clips to choose the rule on")
     parser.add_argument("--threshold", type=float, help="fix the rule's threshold (default: chosen on validation)")
     parser.add_argument("--min-frames", type=int, help="fix the rule's consecutive irq frames (with --threshold)")

@@ -236,6 +236,74 @@ def test_a_row_distilled_from_teachers_learns_their_mean_probability(features_mo
         train_listener(student, processor_no_vision, examples, str(tmp_path), max_steps=1, teachers=[teachers[0], released])
 
 
+def test_hard_examples_are_the_clips_the_row_gets_wrong_at_an_eager_rule(features_model, monkeypatch):
+    """A missed command or an interrupt in command-free audio (in a negative, or before the command) is hard at
+    P >= 0.2 on 2 frames; a detection, a quiet negative and an interrupted near miss are not."""
+    import mini_omni2.training.duplex as duplex
+    from mini_omni2.training.duplex import HARD_EXAMPLE_RULE, hard_examples
+
+    frame = features_model.config.listen_frame_seconds
+    low, eager, high = 0.05, 0.25, 0.9
+
+    def clip(start, end, spoken, p):
+        return {"listen_features": np.zeros((len(p), 4), np.float16), "command_start": start * frame,
+                "command_end": end * frame, "spoken": spoken, "kind": "speech", "probabilities": np.array(p)}
+
+    clips = [clip(4, 8, "stop omni", [low] * 8 + [high] * 3 + [low] * 9),  # detected
+             clip(4, 8, "stop omni", [low] * 20),  # missed
+             clip(-1, -1, "", [low] * 10 + [eager] * 2 + [low] * 8),  # an interrupt at the eager rule
+             clip(-1, -1, "", [low] * 10 + [eager] + [low] * 9),  # one frame: none
+             clip(4, 8, "stop omni", [high] * 2 + [low] * 18),  # an interrupt before the command
+             clip(-1, -1, "top omni", [high] * 20)]  # a near miss: counted apart, never hard
+    seen = []
+
+    def scripted(model, examples, batch_size=32):
+        seen.extend(e["listen_features"].dtype for e in examples)
+        return [e["probabilities"] for e in examples]
+
+    monkeypatch.setattr(duplex, "listener_probabilities", scripted)
+    assert (HARD_EXAMPLE_RULE.threshold, HARD_EXAMPLE_RULE.min_frames) == (0.2, 2)
+    assert hard_examples(features_model, clips) == [1, 2, 4]
+    assert set(seen) == {np.dtype(np.float32)}  # half-precision training features are scored in float32
+    assert hard_examples(features_model, clips, duplex.ListenRule(0.5, 1)) == [1, 4]
+
+
+def test_the_hard_example_round_trains_on_with_the_hard_clips_repeated(features_model, processor_no_vision,
+                                                                     tmp_path, monkeypatch):
+    import copy
+
+    import mini_omni2.training.duplex as duplex
+    from mini_omni2.training.duplex import HARD_EXAMPLE_LEARNING_RATE, train_on_hard_examples
+
+    dim = features_model.config.listen_feature_dim
+    rng = np.random.default_rng(4)
+    examples = [{"task": LISTEN_TASK, "listen_features": rng.standard_normal((6, dim)).astype(np.float16),
+                 "frame_labels": [0, 0, 0, 1, 1, 1], "command_start": 0.1, "command_end": 0.25, "spoken": "stop omni",
+                 "kind": "white", "id": i} for i in range(10)]
+    trained = {}
+
+    def fake_train(model, processor, data, output_dir, **kwargs):
+        trained.update(data=data, **kwargs)
+        return "output"
+
+    monkeypatch.setattr(duplex, "hard_examples", lambda model, clips: [i for i, e in enumerate(clips) if e["id"] % 3 == 0])
+    monkeypatch.setattr(duplex, "train_listener", fake_train)
+    output, hard = train_on_hard_examples(features_model, processor_no_vision, examples, str(tmp_path), steps=7,
+                                          clips=6, repeat=3, seed=5, weight_averaging=0.0)
+    assert output == "output" and hard == [0, 3]  # mined among the first 6 clips only
+    assert [e["id"] for e in trained["data"]] == list(range(10)) + [0, 3] * 3
+    assert trained["max_steps"] == 7 and trained["learning_rate"] == HARD_EXAMPLE_LEARNING_RATE
+    assert trained["seed"] == 5 and trained["weight_averaging"] == 0.0
+    monkeypatch.undo()
+    # end to end on a real row: it scores the clips, then trains on (its weights move)
+    model = copy.deepcopy(features_model)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, hard = train_on_hard_examples(model, processor_no_vision, examples, str(tmp_path), steps=2, clips=4,
+                                     logging_steps=1000)
+    assert set(hard) <= set(range(4)) and not model.training
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_collator_keeps_listen_tail_frames_after_the_first_irq(features_model, processor_no_vision):
     from mini_omni2.training.collator import listen_row_length
     from mini_omni2.training.duplex import DETECTION_WINDOW_SECONDS
@@ -1062,6 +1130,8 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
                            "--sound-alike-fraction: must be a fraction in [0, 1], got 1.5"),
                           (["--distractor-fraction", "-0.2"],
                            "--distractor-fraction: must be a fraction in [0, 1], got -0.2"),
+                          (["--hard-example-steps", "-5"], "--hard-example-steps: must be >= 0, got -5"),
+                          (["--hard-example-repeat", "0"], "--hard-example-repeat: must be >= 1, got 0"),
                           (["--common-word-fraction", "0.5", "--talker-sound-alike-fraction", "0.6"],
                            "common_word_fraction + talker_sound_alike_fraction must be <= 1, got 0.5 + 0.6"),
                           (["--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.7"],
@@ -1098,6 +1168,28 @@ def test_the_proof_benchmark_distils_its_teachers_and_reads_them_back(tmp_path, 
     second = bench.main(argv)["proof"]
     assert [t["metrics"] for t in second["teachers"]] == [t["metrics"] for t in first["teachers"]]
     assert second["settings"]["teachers"] == 2 and second["goals_met"].keys() == first["goals_met"].keys()
+
+
+def test_the_proof_benchmark_runs_the_hard_example_round_when_asked(tmp_path, capsys, monkeypatch):
+    import mini_omni2.training.duplex as duplex
+
+    bench = _bench_duplex()
+    rounds = []
+    real = duplex.train_on_hard_examples
+
+    def spy(model, processor, train, output_dir, steps, clips, repeat, **kwargs):
+        rounds.append((len(train), steps, clips, repeat, kwargs["seed"]))
+        return real(model, processor, train, output_dir, steps, clips, repeat, **kwargs)
+
+    monkeypatch.setattr(duplex, "train_on_hard_examples", spy)
+    argv = ["--train-clips", "8", "--val-clips", "8", "--test-clips", "8", "--steps", "2", "--batch-size", "4",
+            "--hidden", "32", "--layers", "1", "--adapter", "32", "--seed", "2", "--output-dir", str(tmp_path)]
+    bench.main(argv)
+    assert rounds == []  # none by default: the recipe
+    result = bench.main(argv + ["--hard-example-steps", "2", "--hard-example-clips", "5", "--hard-example-repeat", "3"])
+    assert rounds == [(8, 2, 5, 3, 2)] and result["proof"]["settings"]["hard_example_steps"] == 2
+    out = capsys.readouterr().out
+    assert out.count("hard-example round: ") == 1 and "of the first 5 training clips, 2 steps" in out
 
 
 def test_the_proof_benchmark_cache_gives_the_examples_made_anew(features_model, tmp_path):

@@ -320,7 +320,7 @@ def parse_count(text: str) -> int:
 
 
 def parse_width(text: str) -> int:
-    """A width option (``--gru-size``): an integer >= 1."""
+    """A width, or a count that cannot be 0 (``--gru-size``, ``--hard-example-clips``): an integer >= 1."""
     return _integer_at_least(text, 1)
 
 
@@ -676,6 +676,51 @@ def choose_listen_rule(sweep: Sequence[dict], max_false_per_10min: float = MAX_F
     return ListenRule(best["threshold"], best["min_frames"])
 
 
+# ----- the hard-example round -------------------------------------------------------------------------------------
+#: The hard-example round (an option, not the recipe: docs/duplex.md, run 119). After training, the row scores the
+#: first ``HARD_EXAMPLE_CLIPS`` of its own training clips at a rule more eager than any it is used with
+#: (``HARD_EXAMPLE_RULE``: P(irq) >= 0.2 on 2 frames, so clips it almost got wrong count too); the clips it gets wrong
+#: are added ``HARD_EXAMPLE_REPEAT`` times more, and it trains on for its steps at ``HARD_EXAMPLE_LEARNING_RATE``:
+#: the hard-example mining of keyword spotting, with the training clips as the pool.
+HARD_EXAMPLE_RULE = ListenRule(0.2, 2)
+HARD_EXAMPLE_CLIPS = 3000
+HARD_EXAMPLE_REPEAT = 16
+HARD_EXAMPLE_LEARNING_RATE = 5e-4
+HARD_EXAMPLE_WARMUP_STEPS = 20
+
+
+def hard_examples(model, examples: Sequence[dict], rule: ListenRule = HARD_EXAMPLE_RULE,
+                  batch_size: int = 32) -> list[int]:
+    """Indices of the listening ``examples`` (with the clip fields of :data:`EVALUATION_FIELDS`) that the row gets
+    wrong at ``rule``, scored as the proof scores: a command missed, or an interrupt in command-free audio. Near
+    misses are not counted: the evaluation counts them apart, and espeak-ng says some almost as the command."""
+    key = "listen_features" if model.config.listen_input == LISTEN_FEATURES else "listen_codes"
+    scored = [{**e, key: np.asarray(e[key], dtype=np.float32) if key == "listen_features" else e[key]}
+              for e in examples]  # training features may be stored at half precision
+    probabilities = listener_probabilities(model, scored, batch_size)
+    frame_seconds = model.config.listen_frame_seconds
+    hard = []
+    for index, (example, p) in enumerate(zip(examples, probabilities)):
+        outcome = clip_outcome(example, p, frame_seconds, rule.threshold, rule.min_frames, DETECTION_WINDOW_SECONDS)
+        near_miss = bool(outcome.spoken) and not outcome.has_command
+        if (outcome.has_command and not outcome.detected) or (outcome.false_interrupt and not near_miss):
+            hard.append(index)
+    return hard
+
+
+def train_on_hard_examples(model, processor, train_examples: Sequence[dict], output_dir: str, steps: int,
+                           clips: int = HARD_EXAMPLE_CLIPS, repeat: int = HARD_EXAMPLE_REPEAT,
+                           learning_rate: float = HARD_EXAMPLE_LEARNING_RATE, seed: int = 0, **train_kwargs):
+    """The hard-example round of a trained row (constants above): :func:`hard_examples` among the first ``clips`` of
+    ``train_examples``, then :func:`train_listener` for ``steps`` on all of them with those added ``repeat`` times
+    more. Returns the ``TrainOutput`` and the hard examples' indices."""
+    hard = hard_examples(model, train_examples[:clips])
+    data = list(train_examples) + [train_examples[i] for i in hard] * repeat
+    output = train_listener(model, processor, data, output_dir, max_steps=steps, learning_rate=learning_rate,
+                            warmup_steps=HARD_EXAMPLE_WARMUP_STEPS, seed=seed, **train_kwargs)
+    return output, hard
+
+
 __all__ = [
     "DETECTION_WINDOW_SECONDS",
     "EVALUATION_TAIL_SECONDS",
@@ -691,6 +736,8 @@ __all__ = [
     "LISTEN_ADAPTER",
     "prepare_listen_examples",
     "train_listener",
+    "hard_examples",
+    "train_on_hard_examples",
     "FeatureBandMasking",
     "ClipOutcome",
     "first_irq",
