@@ -188,7 +188,7 @@ def train_model(args, model, train, seed: int, teachers=()):
                             learning_rate=args.learning_rate, seed=seed, **common)
     if args.hard_example_steps:
         _, hard = train_on_hard_examples(model, processor, train, args.output_dir, args.hard_example_steps,
-                                              args.hard_example_clips, args.hard_example_repeat, seed=seed, **common)
+                                         args.hard_example_clips, args.hard_example_repeat, seed=seed, **common)
         print(f"hard-example round: {len(hard)} of the first {min(args.hard_example_clips, len(train))} training "
               f"clips, {args.hard_example_steps} steps", flush=True)
     return output  # the training's, not the round's

@@ -443,6 +443,8 @@ DISTRACTOR_WORDS = (1, 4)
 PSEUDO_POOL, COMMON_POOL, SOUND_ALIKE_POOL, SOUND_ALIKE_SENTENCE_POOL = "pseudo", "common", "alike", "alike-sentence"
 DISTRACTOR_POOL = "distractor"
 _PHONEME_POOLS = (SOUND_ALIKE_POOL, SOUND_ALIKE_SENTENCE_POOL)  # espeak-ng phoneme input, which flite does not read
+#: Pool sizes of what a clip may say in the command's place besides a phrase (its own pool: PHRASE_POOL_SIZE).
+_PHRASE_POOL_SIZES = {SOUND_ALIKE_POOL: SOUND_ALIKE_POOL_SIZE, DISTRACTOR_POOL: DISTRACTOR_POOL_SIZE}
 
 
 def _pool_text(split: str, pool: str | None, rng: np.random.Generator) -> str:
@@ -710,9 +712,8 @@ def make_clip(
     utterance = np.zeros(0, np.float32)
     if spoken or distractor:
         pool = SOUND_ALIKE_POOL if alike else DISTRACTOR_POOL if distractor else None
-        size = {SOUND_ALIKE_POOL: SOUND_ALIKE_POOL_SIZE, DISTRACTOR_POOL: DISTRACTOR_POOL_SIZE}.get(pool,
-                                                                                                   PHRASE_POOL_SIZE)
-        utterance, voice, spoken = _pool_utterance(split, int(rng.integers(size[split])), None if pool else spoken,
+        size = _PHRASE_POOL_SIZES.get(pool, PHRASE_POOL_SIZE)[split]
+        utterance, voice, spoken = _pool_utterance(split, int(rng.integers(size)), None if pool else spoken,
                                                    pool=pool)
         utterance = perturb(utterance, rng, speed_perturbation)
     rate = CLIP_SAMPLING_RATE
