@@ -694,10 +694,7 @@ def hard_examples(model, examples: Sequence[dict], rule: ListenRule = HARD_EXAMP
     """Indices of the listening ``examples`` (with the clip fields of :data:`EVALUATION_FIELDS`) that the row gets
     wrong at ``rule``, scored as the proof scores: a command missed, or an interrupt in command-free audio. Near
     misses are not counted: the evaluation counts them apart, and espeak-ng says some almost as the command."""
-    key = "listen_features" if model.config.listen_input == LISTEN_FEATURES else "listen_codes"
-    scored = [{**e, key: np.asarray(e[key], dtype=np.float32) if key == "listen_features" else e[key]}
-              for e in examples]  # training features may be stored at half precision
-    probabilities = listener_probabilities(model, scored, batch_size)
+    probabilities = listener_probabilities(model, examples, batch_size)  # half-precision features score the same
     frame_seconds = model.config.listen_frame_seconds
     hard = []
     for index, (example, p) in enumerate(zip(examples, probabilities)):
