@@ -324,6 +324,28 @@ def parse_width(text: str) -> int:
     return _integer_at_least(text, 1)
 
 
+#: The shares of :func:`~.duplex_data.make_clip` that the training scripts take as options (``--positive-fraction``
+#: for ``positive_fraction``, ...): each keyword's recipe default and help. :func:`clip_kwargs` passes them all on.
+LISTEN_CLIP_SHARES = {
+    "positive_fraction": (LISTEN_POSITIVE_FRACTION, "share of those clips with the command"),
+    "near_miss_fraction": (LISTEN_NEAR_MISS_FRACTION,
+                           "share of those clips with a near miss instead (with --positive-fraction: <= 1 in all)"),
+    "pseudo_word_fraction": (LISTEN_PSEUDO_WORD_FRACTION,
+                             "share of those clips' background utterances with made-up words (docs/duplex.md)"),
+    "common_word_fraction": (LISTEN_COMMON_WORD_FRACTION, "share of them with common English words, needs wordfreq "
+                                                          "(with --pseudo-word-fraction: <= 1 in all)"),
+    "sound_alike_fraction": (LISTEN_SOUND_ALIKE_FRACTION, "share of those clips' near misses that are sound-alikes "
+                                                          "of the command: one or two of its phonemes changed "
+                                                          "(docs/duplex.md)"),
+    "talker_sound_alike_fraction": (LISTEN_TALKER_SOUND_ALIKE_FRACTION,
+                                    "share of those clips' background utterances with a sound-alike of the command "
+                                    "among their words (docs/duplex.md)"),
+    "distractor_fraction": (LISTEN_DISTRACTOR_FRACTION, "share of those clips of background alone that say a "
+                                                        "distractor at the command's level: a short phrase of "
+                                                        "background words (docs/duplex.md)"),
+}
+
+
 def add_listen_training_arguments(parser) -> None:
     """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
     ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction``, ``--positive-fraction``,
@@ -342,29 +364,9 @@ def add_listen_training_arguments(parser) -> None:
                              f"{','.join(LISTEN_TRAIN_KINDS)}; EXTRA_KINDS adds hum, sweeps, clatter)")
     parser.add_argument("--mixture-fraction", type=argument_type(parse_mixture_fraction), default=0.0,
                         help="fraction of those clips whose background mixes two kinds")
-    parser.add_argument("--positive-fraction", type=argument_type(parse_fraction), default=LISTEN_POSITIVE_FRACTION,
-                        help="share of those clips with the command")
-    parser.add_argument("--near-miss-fraction", type=argument_type(parse_fraction), default=LISTEN_NEAR_MISS_FRACTION,
-                        help="share of those clips with a near miss instead (with --positive-fraction: <= 1 in all)")
-    parser.add_argument("--pseudo-word-fraction", type=argument_type(parse_fraction),
-                        default=LISTEN_PSEUDO_WORD_FRACTION,
-                        help="share of those clips' background utterances with made-up words (docs/duplex.md)")
-    parser.add_argument("--common-word-fraction", type=argument_type(parse_fraction),
-                        default=LISTEN_COMMON_WORD_FRACTION,
-                        help="share of them with common English words, needs wordfreq (with --pseudo-word-fraction: "
-                             "<= 1 in all)")
-    parser.add_argument("--sound-alike-fraction", type=argument_type(parse_fraction),
-                        default=LISTEN_SOUND_ALIKE_FRACTION,
-                        help="share of those clips' near misses that are sound-alikes of the command: one or two of "
-                             "its phonemes changed (docs/duplex.md)")
-    parser.add_argument("--talker-sound-alike-fraction", type=argument_type(parse_fraction),
-                        default=LISTEN_TALKER_SOUND_ALIKE_FRACTION,
-                        help="share of those clips' background utterances with a sound-alike of the command among "
-                             "their words (docs/duplex.md)")
-    parser.add_argument("--distractor-fraction", type=argument_type(parse_fraction),
-                        default=LISTEN_DISTRACTOR_FRACTION,
-                        help="share of those clips of background alone that say a distractor at the command's level: "
-                             "a short phrase of background words (docs/duplex.md)")
+    for keyword, (default, text) in LISTEN_CLIP_SHARES.items():
+        parser.add_argument("--" + keyword.replace("_", "-"), type=argument_type(parse_fraction), default=default,
+                            help=text)
     parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
@@ -448,11 +450,7 @@ def clip_kwargs(args) -> dict[str, Any]:
     check_clip_fractions(args.positive_fraction, args.near_miss_fraction)
     check_talk_fractions(args.pseudo_word_fraction, args.common_word_fraction, args.talker_sound_alike_fraction)
     return {"kinds": args.train_kinds, "mixture_fraction": args.mixture_fraction,
-            "positive_fraction": args.positive_fraction, "near_miss_fraction": args.near_miss_fraction,
-            "pseudo_word_fraction": args.pseudo_word_fraction, "common_word_fraction": args.common_word_fraction,
-            "sound_alike_fraction": args.sound_alike_fraction,
-            "talker_sound_alike_fraction": args.talker_sound_alike_fraction,
-            "distractor_fraction": args.distractor_fraction}
+            **{keyword: getattr(args, keyword) for keyword in LISTEN_CLIP_SHARES}}
 
 
 # ----- evaluation --------------------------------------------------------------------------------------------------
