@@ -780,6 +780,36 @@ def test_random_voice_variants_are_fixed_distinct_and_spoken_by_espeak():
     assert last.size > 0 and not np.array_equal(last[:1000], speak("stop", "en-us+mo2rnd1")[:1000])
 
 
+def test_foreign_accents_join_the_train_splits_voices_only_when_asked_and_never_the_test_splits():
+    from mini_omni2.training.duplex_data import (ACCENTS, FOREIGN_ACCENTS, _pool_utterance, make_clip, speak,
+                                                 split_voices)
+
+    english, widened = split_voices("train"), split_voices("train", foreign_accents=True)
+    # the train split's voices come first, then each of them in each foreign accent (its variants: the same)
+    assert widened[: len(english)] == english
+    assert {v.split("+")[0] for v in widened[len(english):]} == set(FOREIGN_ACCENTS)
+    assert len(widened) == len(english) * (len(ACCENTS["train"]) + len(FOREIGN_ACCENTS)) // len(ACCENTS["train"])
+    assert not set(FOREIGN_ACCENTS) & set(ACCENTS["test"]) and not set(widened) & set(split_voices("test"))
+    # espeak-ng's German voice reads the English words with its own phonemes, not the English voice's
+    assert not np.array_equal(speak("stop omni", "de+m3")[:4000], speak("stop omni", "en-us+m3")[:4000])
+    # the pools' entries, and the clips, draw from the widened voices, deterministically
+    voices = [_pool_utterance("train", i, foreign_accents=True)[1] for i in range(24)]
+    assert set(voices) <= set(widened) and any(v.split("+")[0] in FOREIGN_ACCENTS for v in voices)
+    assert voices == [_pool_utterance("train", i, foreign_accents=True)[1] for i in range(24)]
+    assert all(_pool_utterance("train", i)[1] in english for i in range(24))
+    short = {"negative_seconds": (1.5, 2.0), "lead_seconds": (0.5, 1.0), "tail_seconds": (0.0, 0.5)}
+    clips = [make_clip("train", i, seed=2, foreign_accents=True, **short) for i in range(16)]
+    spoken = [c["voice"] for c in clips if c["voice"]]
+    assert set(spoken) <= set(widened) and any(v.split("+")[0] in FOREIGN_ACCENTS for v in spoken)
+    # the test split keeps accents training never hears
+    with pytest.raises(ValueError, match="foreign_accents is an option of the train split .* got split 'test'"):
+        make_clip("test", 0, foreign_accents=True)
+    with pytest.raises(ValueError, match="got split 'test'"):
+        split_voices("test", foreign_accents=True)
+    with pytest.raises(TypeError, match="foreign_accents must be True or False, got 0.5"):
+        make_clip("train", 0, foreign_accents=0.5)
+
+
 def test_flite_voices_speak_at_their_pitch_and_enter_the_pools_only_when_asked(monkeypatch):
     from mini_omni2.training import duplex_data
     from mini_omni2.training.duplex_data import FLITE_FRACTION, FLITE_PREFIX, FLITE_VOICES, _pool_utterance, speak
@@ -1328,14 +1358,14 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
                                              "--positive-fraction", "0.7", "--near-miss-fraction", "0.1",
                                              "--pseudo-word-fraction", "0.5", "--common-word-fraction", "0.25",
                                              "--sound-alike-fraction", "0.4", "--talker-sound-alike-fraction", "0.2",
-                                             "--distractor-fraction", "0.3"])
+                                             "--distractor-fraction", "0.3", "--foreign-accents"])
     from mini_omni2.training.duplex import clip_kwargs, listen_training_kwargs
 
     assert listen_training_kwargs(args) == {"tail_seconds": None, "weight_averaging": 0.999, "distillation_weight": 0.5}
     assert clip_kwargs(args) == {"kinds": ("hum", "speech"), "mixture_fraction": 0.5, "positive_fraction": 0.7,
                                  "near_miss_fraction": 0.1, "pseudo_word_fraction": 0.5, "common_word_fraction": 0.25,
                                  "sound_alike_fraction": 0.4, "talker_sound_alike_fraction": 0.2,
-                                 "distractor_fraction": 0.3}
+                                 "distractor_fraction": 0.3, "foreign_accents": True}
     for bad in (["--positive-fraction", "1.5"], ["--near-miss-fraction", "-0.1"], ["--pseudo-word-fraction", "2"],
                 # a share outside [0, 1], or the sum of positives and near misses (or of the talkers' shares)
                 ["--positive-fraction", "0.8", "--near-miss-fraction", "0.3"],  # over 1

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -68,6 +69,9 @@ LISTEN_SOUND_ALIKE_FRACTION = 0.0
 LISTEN_TALKER_SOUND_ALIKE_FRACTION = 0.0
 #: The recipe's share of the clips of background alone that say a distractor (an option, docs/duplex.md: run 118).
 LISTEN_DISTRACTOR_FRACTION = 0.0
+#: Whether the recipe's training clips add espeak-ng's foreign-language voices to the train split's accents
+#: (``make_clip(foreign_accents=)``, :data:`~.duplex_data.FOREIGN_ACCENTS`; docs/duplex.md: runs 120-121).
+LISTEN_FOREIGN_ACCENTS = False
 
 #: The recipe's listening adapter (``config.listen_adapter``): a GRU over the row's frames, which detected 4 points
 #: more than the MLP at the rule chosen on validation over four clip seeds (docs/duplex.md, runs 84-88). A model's
@@ -350,7 +354,7 @@ def add_listen_training_arguments(parser) -> None:
     """The recipe's training options, with its defaults, for ``argparse`` parsers: ``--tail-seconds``,
     ``--weight-averaging``, ``--train-kinds``, ``--mixture-fraction``, ``--positive-fraction``,
     ``--near-miss-fraction``, ``--pseudo-word-fraction``, ``--common-word-fraction``, ``--sound-alike-fraction``,
-    ``--talker-sound-alike-fraction``, ``--distractor-fraction`` and ``--distillation-weight``.
+    ``--talker-sound-alike-fraction``, ``--distractor-fraction``, ``--foreign-accents`` and ``--distillation-weight``.
     Their values are checked while parsing (:func:`argument_type`), so a bad one is refused before any clip is made;
     :func:`listen_training_kwargs` and :func:`clip_kwargs` turn them into keywords."""
     parser.add_argument("--tail-seconds", type=argument_type(parse_tail_seconds), default=DETECTION_WINDOW_SECONDS,
@@ -367,6 +371,9 @@ def add_listen_training_arguments(parser) -> None:
     for keyword, (default, text) in LISTEN_CLIP_SHARES.items():
         parser.add_argument("--" + keyword.replace("_", "-"), type=argument_type(parse_fraction), default=default,
                             help=text)
+    parser.add_argument("--foreign-accents", action=argparse.BooleanOptionalAction, default=LISTEN_FOREIGN_ACCENTS,
+                        help="add espeak-ng's voices of other languages reading the English words to the training "
+                             "(and validation) clips' accents (docs/duplex.md)")
     parser.add_argument("--distillation-weight", type=argument_type(parse_distillation_weight),
                         default=LISTEN_DISTILLATION_WEIGHT,
                         help="with teachers: their mean P(irq)'s share of each frame's target (the label's: the rest)")
@@ -450,6 +457,7 @@ def clip_kwargs(args) -> dict[str, Any]:
     check_clip_fractions(args.positive_fraction, args.near_miss_fraction)
     check_talk_fractions(args.pseudo_word_fraction, args.common_word_fraction, args.talker_sound_alike_fraction)
     return {"kinds": args.train_kinds, "mixture_fraction": args.mixture_fraction,
+            "foreign_accents": args.foreign_accents,
             **{keyword: getattr(args, keyword) for keyword in LISTEN_CLIP_SHARES}}
 
 

@@ -46,6 +46,10 @@ ACCENTS = {
     "train": ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan"),
     "test": ("en-029", "en-gb-x-gbcwmd"),
 }
+#: espeak-ng voices of other languages that read the English words with their own letter-to-sound rules and phonemes:
+#: foreign accents, which the train split adds to its own when asked (``make_clip(foreign_accents=True)``). The
+#: test split's accents are English ones training never hears; these widen what training hears, never the test.
+FOREIGN_ACCENTS = ("de", "nl", "it", "es", "pl", "cs", "fi", "cy")
 VARIANTS = {
     "train": (
         "m1", "m2", "m3", "m4", "m5", "m6", "m8", "f1", "f2", "f3", "f5", "croak", "klatt", "klatt2", "klatt4",
@@ -238,15 +242,28 @@ def installed_variants() -> frozenset[str]:
     return frozenset(line.split("!v/")[1].strip() for line in out.splitlines() if "!v/" in line)
 
 
-def split_voices(split: str) -> list[str]:
+@lru_cache(maxsize=1)
+def installed_languages() -> frozenset[str]:
+    """The languages this espeak-ng speaks (``espeak-ng --voices``, its second column)."""
+    out = subprocess.run([_espeak(), "--voices"], check=True, capture_output=True, text=True).stdout
+    return frozenset(line.split()[1] for line in out.splitlines()[1:] if len(line.split()) > 1)
+
+
+def split_voices(split: str, foreign_accents: bool = False) -> list[str]:
     """The espeak-ng voices (``accent+variant``) of a split: its hand-made variants, then its random ones
-    (:data:`RANDOM_VARIANTS`); an espeak-ng lacking a hand-made variant is an error."""
+    (:data:`RANDOM_VARIANTS`), in each of its accents, then (``foreign_accents``, train split only) in each of
+    :data:`FOREIGN_ACCENTS`; an espeak-ng lacking a variant or a language is an error."""
     _check_split(split)
+    check_foreign_accents(split, foreign_accents)
     missing = sorted(set(VARIANTS[split]) - installed_variants())
     if missing:
         raise RuntimeError(f"this espeak-ng lacks the voice variants {missing} of split {split!r}")
+    accents = ACCENTS[split] + (FOREIGN_ACCENTS if foreign_accents else ())
+    missing = sorted(set(accents) - installed_languages())
+    if missing:
+        raise RuntimeError(f"this espeak-ng lacks the languages {missing} of split {split!r}")
     variants = list(VARIANTS[split]) + [random_variant_name(i) for i in range(RANDOM_VARIANTS[split])]
-    return [f"{accent}+{variant}" for accent in ACCENTS[split] for variant in variants]
+    return [f"{accent}+{variant}" for accent in accents for variant in variants]
 
 
 def random_variant(index: int) -> str:
@@ -468,14 +485,15 @@ def _pool_text(split: str, pool: str | None, rng: np.random.Generator) -> str:
 
 
 def _pool_utterance(
-    split: str, entry: int, phrase: str | None = None, pool: str | None = None
+    split: str, entry: int, phrase: str | None = None, pool: str | None = None, foreign_accents: bool = False
 ) -> tuple[np.ndarray, str, str]:
     """Pool entry ``entry`` of ``phrase``, of ``pool`` (one of the two), or of the split's background sentences
     (neither given). The pools:
     :data:`PSEUDO_POOL`, :data:`COMMON_POOL`, :data:`SOUND_ALIKE_POOL`, :data:`SOUND_ALIKE_SENTENCE_POOL` (these
-    two in espeak-ng voices only) and :data:`DISTRACTOR_POOL`. Returns its audio, its voice and what it says."""
+    two in espeak-ng voices only) and :data:`DISTRACTOR_POOL`. Its espeak-ng voice is one of
+    ``split_voices(split, foreign_accents)``. Returns its audio, its voice and what it says."""
     rng = np.random.default_rng([zlib.crc32(f"pool-{split}-{pool or phrase or ''}".encode()), entry])
-    voices = split_voices(split)
+    voices = split_voices(split, foreign_accents)
     text = phrase or _pool_text(split, pool, rng)
     # no flite draw at 0, nor for phoneme input: the same pools as before
     if pool not in _PHONEME_POOLS and FLITE_FRACTION[split] > 0 and rng.random() < FLITE_FRACTION[split]:
@@ -486,12 +504,12 @@ def _pool_utterance(
 
 def _talker(
     rng: np.random.Generator, n: int, split: str, pseudo_word_fraction: float = 0.0, common_word_fraction: float = 0.0,
-    talker_sound_alike_fraction: float = 0.0,
+    talker_sound_alike_fraction: float = 0.0, foreign_accents: bool = False,
 ) -> np.ndarray:
     """One talker's turn of ``n`` samples: utterances of the split's pool with short pauses, from a random offset; a
     ``pseudo_word_fraction`` of them from its pool of sentences with made-up words, a ``common_word_fraction`` from
     its pool of sentences of common words and a ``talker_sound_alike_fraction`` from its sentences with a sound-alike
-    of the command (the fractions sum to at most 1)."""
+    of the command (the fractions sum to at most 1), in the voices of ``split_voices(split, foreign_accents)``."""
     pieces, total = [], 0
     shares = (pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
     while total < n:
@@ -504,7 +522,7 @@ def _talker(
             pool, entry = COMMON_POOL, int(rng.integers(COMMON_POOL_SIZE[split]))
         elif draw < sum(shares):
             pool, entry = SOUND_ALIKE_SENTENCE_POOL, int(rng.integers(SOUND_ALIKE_POOL_SIZE[split]))
-        speech, _, _ = _pool_utterance(split, entry, pool=pool)
+        speech, _, _ = _pool_utterance(split, entry, pool=pool, foreign_accents=foreign_accents)
         pause = np.zeros(int(CLIP_SAMPLING_RATE * rng.uniform(0.05, 0.6)), dtype=np.float32)
         pieces += [speech, pause]
         total += len(speech) + len(pause)
@@ -560,11 +578,13 @@ def background(
     pseudo_word_fraction: float = 0.0,
     common_word_fraction: float = 0.0,
     talker_sound_alike_fraction: float = 0.0,
+    foreign_accents: bool = False,
 ) -> np.ndarray:
     """``n`` samples of a background of ``kind`` (one of :data:`KINDS` or :data:`EXTRA_KINDS`), at unit RMS; its
     talkers say sentences with made-up words for a ``pseudo_word_fraction`` of their utterances, sentences of
     common words (:func:`common_words`) for a ``common_word_fraction`` and sentences with a sound-alike of the
-    command (:func:`sound_alike`) for a ``talker_sound_alike_fraction``."""
+    command (:func:`sound_alike`) for a ``talker_sound_alike_fraction``, with :data:`FOREIGN_ACCENTS` among their
+    voices when ``foreign_accents``."""
     if kind in ("white", "pink", "brown"):
         audio = _coloured_noise(rng, n, {"white": 0.0, "pink": 1.0, "brown": 2.0}[kind])
     elif kind in ("tones", "chords"):
@@ -576,11 +596,12 @@ def background(
     elif kind == "clatter":
         audio = _clatter(rng, n)
     elif kind == "speech":
-        audio = _talker(rng, n, split, pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
+        audio = _talker(rng, n, split, pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction,
+                        foreign_accents)
     elif kind == "babble":
         talkers = int(rng.integers(3, 7))
-        audio = sum(_talker(rng, n, split, pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
-                    for _ in range(talkers))
+        audio = sum(_talker(rng, n, split, pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction,
+                            foreign_accents) for _ in range(talkers))
     else:
         check_kinds([kind])  # raises: every known kind is handled above
     return (audio / _rms(audio)).astype(np.float32)
@@ -646,6 +667,15 @@ def check_clip_fractions(positive_fraction: float, near_miss_fraction: float) ->
                          f"{positive_fraction} and {near_miss_fraction}")
 
 
+def check_foreign_accents(split: str, foreign_accents: bool) -> None:
+    """Foreign accents widen what training hears; in the test split they would be accents training has heard."""
+    if not isinstance(foreign_accents, bool):
+        raise TypeError(f"foreign_accents must be True or False, got {foreign_accents!r}")
+    if foreign_accents and split != "train":
+        raise ValueError(f"foreign_accents is an option of the train split (its accents and FOREIGN_ACCENTS), "
+                         f"got split {split!r}, whose accents must stay unheard in training")
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -670,6 +700,7 @@ def make_clip(
     sound_alike_fraction: float = 0.0,
     talker_sound_alike_fraction: float = 0.0,
     distractor_fraction: float = 0.0,
+    foreign_accents: bool = False,
 ) -> dict:
     """Clip ``index`` of ``split``: deterministic in ``(seed, split, index)``.
 
@@ -683,7 +714,9 @@ def make_clip(
     ``sound_alike_fraction`` of the near misses are sound-alikes of the command (:func:`sound_alike`), and the talkers
     say sentences with a sound-alike among their words for ``talker_sound_alike_fraction``. A ``distractor_fraction``
     of the clips of background alone say a distractor in the phrase's place, at the command's level: a short phrase
-    of the split's background words (:data:`DISTRACTOR_WORDS`) in a random voice, never the command. The mix is
+    of the split's background words (:data:`DISTRACTOR_WORDS`) in a random voice, never the command. With
+    ``foreign_accents`` (train split only), the voices of its phrases and talkers include :data:`FOREIGN_ACCENTS`
+    (``split_voices``); without, no draw changes. The mix is
     scaled to an RMS of ``level_db`` dBFS. Returns the example (module docstring): ``audio``
     (float32, 16 kHz), ``command_start`` / ``command_end`` in seconds (-1 without the command) and what was said, where
     and by whom.
@@ -694,6 +727,7 @@ def make_clip(
     check_talk_fractions(pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
     check_fraction(sound_alike_fraction, "sound_alike_fraction")
     check_fraction(distractor_fraction, "distractor_fraction")
+    check_foreign_accents(split, foreign_accents)
     kinds = check_kinds(kinds) if kinds is not None else KINDS[split]
     talk = (pseudo_word_fraction, common_word_fraction, talker_sound_alike_fraction)
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
@@ -714,7 +748,7 @@ def make_clip(
         pool = SOUND_ALIKE_POOL if alike else DISTRACTOR_POOL if distractor else None
         size = _PHRASE_POOL_SIZES.get(pool, PHRASE_POOL_SIZE)[split]
         utterance, voice, spoken = _pool_utterance(split, int(rng.integers(size)), None if pool else spoken,
-                                                   pool=pool)
+                                                   pool=pool, foreign_accents=foreign_accents)
         utterance = perturb(utterance, rng, speed_perturbation)
     rate = CLIP_SAMPLING_RATE
     if positive:
@@ -723,11 +757,11 @@ def make_clip(
     else:
         total = max(int(rate * rng.uniform(*negative_seconds)), len(utterance) + rate)
         lead = int(rng.integers(0, total - len(utterance) + 1))
-    audio = background(kind, total, rng, split, *talk)
+    audio = background(kind, total, rng, split, *talk, foreign_accents)
     if mixture_fraction > 0 and rng.random() < mixture_fraction:  # no draw without mixtures: the same clips as before
         second = kinds[rng.integers(len(kinds))]
         gain = 10 ** (-rng.uniform(0.0, 15.0) / 20)  # drawn before the second background, as it always was
-        audio = audio + gain * background(second, total, rng, split, *talk)
+        audio = audio + gain * background(second, total, rng, split, *talk, foreign_accents)
         audio /= _rms(audio)
         kind = f"{kind}+{second}"
     snr, level = float(rng.uniform(*snr_db)), float(rng.uniform(*level_db))
@@ -807,6 +841,7 @@ __all__ = [
     "NEAR_MISSES",
     "SPLITS",
     "ACCENTS",
+    "FOREIGN_ACCENTS",
     "VARIANTS",
     "RANDOM_VARIANTS",
     "random_variant",
@@ -823,6 +858,7 @@ __all__ = [
     "is_sound_alike",
     "common_words",
     "check_talk_fractions",
+    "check_foreign_accents",
     "split_voices",
     "speak",
     "background",
