@@ -249,10 +249,12 @@ def installed_languages() -> frozenset[str]:
     return frozenset(line.split()[1] for line in out.splitlines()[1:] if len(line.split()) > 1)
 
 
-def split_voices(split: str, foreign_accents: bool = False) -> list[str]:
+@lru_cache(maxsize=None)
+def split_voices(split: str, foreign_accents: bool = False) -> tuple[str, ...]:
     """The espeak-ng voices (``accent+variant``) of a split: its hand-made variants, then its random ones
     (:data:`RANDOM_VARIANTS`), in each of its accents, then (``foreign_accents``, train split only) in each of
-    :data:`FOREIGN_ACCENTS`; an espeak-ng lacking a variant or a language is an error."""
+    :data:`FOREIGN_ACCENTS`; an espeak-ng lacking a variant or a language is an error. Made once per process:
+    every pool utterance draws from it."""
     _check_split(split)
     check_foreign_accents(split, foreign_accents)
     missing = sorted(set(VARIANTS[split]) - installed_variants())
@@ -263,7 +265,7 @@ def split_voices(split: str, foreign_accents: bool = False) -> list[str]:
     if missing:
         raise RuntimeError(f"this espeak-ng lacks the languages {missing} of split {split!r}")
     variants = list(VARIANTS[split]) + [random_variant_name(i) for i in range(RANDOM_VARIANTS[split])]
-    return [f"{accent}+{variant}" for accent in accents for variant in variants]
+    return tuple(f"{accent}+{variant}" for accent in accents for variant in variants)
 
 
 def random_variant(index: int) -> str:
