@@ -364,14 +364,19 @@ def print_proof(result: dict) -> None:
 
 
 # ----- the listening row's cost ---------------------------------------------------------------------------------------
-def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3) -> dict:
+def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3, lag_seconds: float = 10.0) -> dict:
     """Decoding steps per second of one spoken answer (its speech row and text twin, a ``context``-position text
     prompt) on the decoding engine, without and with its duplex listening row (a frame ready at every step: features
-    through the adapter, or the codec's 7 codes), and the listening front end's time per frame."""
+    through the adapter, or the codec's 7 codes), with the row catching up (``LISTEN_CATCH_UP_FRAMES`` frames ready
+    and read at every step, as behind the microphone), and the listening front end's time per frame. Then the
+    row's lag behind a microphone that delivers its frames in real time, after ``lag_seconds`` of an answer, with
+    and without catching up (0: not measured)."""
     import numpy as np
     import torch
 
-    from mini_omni2.engine_mini_omni2 import DecodeGroup, DecodeSettings, ListenGroup, ListenRule, MiniOmni2Engine
+    from mini_omni2.engine_mini_omni2 import (
+        LISTEN_CATCH_UP_FRAMES, DecodeGroup, DecodeSettings, ListenGroup, ListenRule, MiniOmni2Engine,
+    )
 
     config = model.config
     layout = config.token_layout
@@ -381,16 +386,20 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3) -> 
     prompt = torch.tensor(layout.build_prompt("T1A2", text_ids=text).streams, device=device)[None]
     total = warmup + steps
 
-    def run(listening: bool) -> float:
+    def run(frames_per_step: int) -> float:
+        """Steps per second with a listening row that reads ``frames_per_step`` frames at every step (0: none)."""
         settings = DecodeSettings(max_new_tokens=total + 2, min_new_tokens=total + 2)
         answer = DecodeGroup(layout, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt[:, 0])}, settings)
         engine = MiniOmni2Engine(model)
+        listening = frames_per_step > 0
         if listening:  # a rule that never commits: random weights must not end the answer
-            listen = engine.add(ListenGroup(model, speaking=answer, rule=ListenRule(0.5, 10**9)))
+            listen = engine.add(ListenGroup(model, speaking=answer, rule=ListenRule(0.5, 10**9),
+                                            catch_up_frames=frames_per_step))
+            count = frames_per_step * (total + 1)
             if config.listen_input == "features":
-                listen.push(torch.randn(total + 1, config.listen_feature_dim, generator=generator))
+                listen.push(torch.randn(count, config.listen_feature_dim, generator=generator))
             else:
-                listen.push(torch.randint(0, layout.audio_codebook_size, (total + 1, 7), generator=generator))
+                listen.push(torch.randint(0, layout.audio_codebook_size, (count, 7), generator=generator))
         engine.add(answer)
         engine.step()  # the prefill
         times = []
@@ -404,10 +413,37 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3) -> 
             if k >= warmup:
                 times.append(time.perf_counter() - start)
         assert not answer.done and engine.num_rows == 2 + listening
+        assert not listening or listen.heard == frames_per_step * total  # a frame or more at every step
         return float(len(times) / sum(times))
 
-    without = run(False)
-    with_row = run(True)
+    def lag(catch_up_frames: int) -> dict:
+        """Seconds of microphone pushed but not heard after ``lag_seconds`` of real time (frames arrive when due),
+        and the answer's steps per second meanwhile."""
+        rate = config.listen_sampling_rate / config.listen_frame_samples
+        settings = DecodeSettings(max_new_tokens=10**6, min_new_tokens=10**6)
+        answer = DecodeGroup(layout, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt[:, 0])}, settings)
+        engine = MiniOmni2Engine(model)
+        listen = engine.add(ListenGroup(model, speaking=answer, rule=ListenRule(0.5, 10**9),
+                                        catch_up_frames=catch_up_frames))
+        engine.add(answer)
+        engine.step()  # the prefill: the microphone starts with the answer's first step
+        start, pushed, steps = time.perf_counter(), 0, 0
+        while (elapsed := time.perf_counter() - start) < lag_seconds:
+            due = int(elapsed * rate) + 1 - pushed
+            if due > 0:
+                if config.listen_input == "features":
+                    listen.push(torch.randn(due, config.listen_feature_dim, generator=generator))
+                else:
+                    listen.push(torch.randint(0, layout.audio_codebook_size, (due, 7), generator=generator))
+                pushed += due
+            engine.step()
+            steps += 1
+        return {"lag_s": listen.backlog / rate, "answer_steps_per_s": steps / (time.perf_counter() - start)}
+
+    without = run(0)
+    with_row = run(1)
+    catching_up = run(LISTEN_CATCH_UP_FRAMES)
+    lags = {str(n): lag(n) for n in (1, LISTEN_CATCH_UP_FRAMES)} if lag_seconds else {}
     front_end = model.listen_front_end()
     audio = np.random.default_rng(0).standard_normal(48000 * 4).astype(np.float32) * 0.1
     start = time.perf_counter()
@@ -420,6 +456,11 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3) -> 
         "steps_per_s_without": without,
         "steps_per_s_with_listening_row": with_row,
         "slowdown": without / with_row,
+        "catch_up_frames": LISTEN_CATCH_UP_FRAMES,
+        "steps_per_s_catching_up": catching_up,
+        "frames_heard_per_s_catching_up": catching_up * LISTEN_CATCH_UP_FRAMES,
+        "lag_seconds": lag_seconds,
+        "lag_by_catch_up_frames": lags,
         "front_end_ms_per_frame": per_frame * 1000,
         "realtime_steps_per_s": config.listen_sampling_rate / config.listen_frame_samples,
     }
@@ -446,7 +487,7 @@ def cost(args) -> dict:
         model.to(device)
         model.model.to(dtype)  # the language model and adapters; the codec stays float32 (as from_pretrained does)
         model.lm_head.to(dtype)
-        row = listen_cost(model, context=args.cost_context, steps=args.cost_steps)
+        row = listen_cost(model, context=args.cost_context, steps=args.cost_steps, lag_seconds=args.cost_lag_seconds)
         results.append({**row, "dtype": str(dtype).replace("torch.", "")})
         del model
     return {"size": args.cost_size, "results": results, "engine": "MiniOmni2Engine, one spoken answer (2 rows)"}
@@ -501,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cost-size", choices=("released", "tiny"), default="released")
     parser.add_argument("--cost-context", type=int, default=256)
     parser.add_argument("--cost-steps", type=int, default=20)
+    parser.add_argument("--cost-lag-seconds", type=float, default=10.0,
+                        help="--cost: seconds of real-time microphone to measure the listening row's lag on (0: skip)")
     parser.add_argument("--dtype", default="auto", help="--cost: the model's dtype (auto: the hardware's fast one)")
     parser.add_argument("--cpu", action="store_true", help="--cost on the CPU even when a GPU is there")
     return parser
@@ -521,7 +564,12 @@ def main(argv: list[str] | None = None) -> dict:
             adapter = f" ({row['listen_adapter']} adapter)" if row["listen_adapter"] else ""
             print(f"{args.cost_size} sizes, listen_input={row['listen_input']}{adapter}: "
                   f"{row['steps_per_s_without']:.1f} steps/s without, "
-                  f"{row['steps_per_s_with_listening_row']:.1f} with the listening row (x{row['slowdown']:.2f}); "
+                  f"{row['steps_per_s_with_listening_row']:.1f} with the listening row (x{row['slowdown']:.2f}), "
+                  f"{row['steps_per_s_catching_up']:.1f} with it catching up ({row['catch_up_frames']} frames a step: "
+                  f"{row['frames_heard_per_s_catching_up']:.1f} frames/s heard); "
+                  + "".join(f"after {row['lag_seconds']:g} s of real-time microphone, reading up to {n} a step: "
+                            f"lag {lag['lag_s']:.2f} s, answer at {lag['answer_steps_per_s']:.1f} steps/s; "
+                            for n, lag in row["lag_by_catch_up_frames"].items()) +
                   f"front end {row['front_end_ms_per_frame']:.2f} ms/frame; "
                   f"real time needs {row['realtime_steps_per_s']:.1f} steps/s")
     else:

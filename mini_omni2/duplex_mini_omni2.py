@@ -38,6 +38,8 @@ from .engine_mini_omni2 import (
     ListenGroup,
     ListenRule,
     MiniOmni2Engine,
+    LISTEN_CATCH_UP_FRAMES,
+    check_catch_up_frames,
     check_listen_window,
     output_kinds,
 )
@@ -326,13 +328,17 @@ class MiniOmni2Listener:
     every frame's P(irq) is read. What the benchmark evaluates is therefore exactly what a session runs.
 
     ``window_frames`` / ``refeed_frames``: rows hand over to fresh rows as in :class:`~.engine_mini_omni2.ListenGroup`.
+    ``catch_up_frames``: frames each row reads per step (default 1: a stream is scored one frame a step, as a
+    session that keeps up with the microphone hears it; more: fewer, wider steps, the same P(irq) up to rounding).
     """
 
-    def __init__(self, model, window_frames: int | None = None, refeed_frames: int = 0):
+    def __init__(self, model, window_frames: int | None = None, refeed_frames: int = 0, catch_up_frames: int = 1):
         check_listen_window(window_frames, refeed_frames)
+        check_catch_up_frames(catch_up_frames)
         self.model = model
         self.window_frames = window_frames
         self.refeed_frames = refeed_frames
+        self.catch_up_frames = catch_up_frames
 
     @torch.no_grad()
     def run(self, frames: torch.Tensor) -> torch.Tensor:
@@ -344,7 +350,7 @@ class MiniOmni2Listener:
         rows = []
         for stream in frames:
             row = ListenGroup(self.model, rule=report_only, window_frames=self.window_frames,
-                              refeed_frames=self.refeed_frames)
+                              refeed_frames=self.refeed_frames, catch_up_frames=self.catch_up_frames)
             row.push(stream)
             rows.append(engine.add(row))
         while engine.has_work() and not engine.idle:
@@ -407,7 +413,8 @@ class DuplexSession:
     :meth:`respond` starts a spoken answer (a :class:`~.engine_mini_omni2.DecodeGroup`) and, beside it, a listening
     row (:class:`~.engine_mini_omni2.ListenGroup`) that hears what :meth:`feed` gives it: microphone chunks of any
     size and rate, through the model's streaming front end (:meth:`MiniOmni2Model.listen_front_end`). Each frame of
-    the microphone is one listening step; when the row commits to ``irq`` (:class:`~.engine_mini_omni2.ListenRule`)
+    the microphone is one listening position, read one a step, or several in one step while the row catches up on
+    a slow engine (``catch_up_frames``); when the row commits to ``irq`` (:class:`~.engine_mini_omni2.ListenRule`)
     the answer's rows are cancelled in that same step and nothing generated after it is streamed. The row keeps
     listening after the answer's last step until it has heard as many frames as the answer spoke (one frame of
     speech = one frame of microphone = 85.3 ms): the answer is still playing until then, and "stop omni" may still
@@ -430,6 +437,8 @@ class DuplexSession:
         window_frames, refeed_frames: a listening row fed ``window_frames`` frames hands over to a fresh one that
             hears the last ``refeed_frames`` again (:class:`~.engine_mini_omni2.ListenGroup`); the default 168 / 24
             (14.3 s / 2 s) keeps rows within the proof's training rows (up to 176 frames). ``None``: one row.
+        catch_up_frames: the most microphone frames the row reads in one engine step when decoding falls behind
+            real time (:data:`~.engine_mini_omni2.LISTEN_CATCH_UP_FRAMES`; 1: never catch up).
     """
 
     def __init__(
@@ -444,9 +453,12 @@ class DuplexSession:
         streamer_kwargs: dict | None = None,
         window_frames: int | None = 168,
         refeed_frames: int = 24,
+        catch_up_frames: int = LISTEN_CATCH_UP_FRAMES,
     ) -> None:
         check_listen_window(window_frames, refeed_frames)
+        check_catch_up_frames(catch_up_frames)
         self.window_frames, self.refeed_frames = window_frames, refeed_frames
+        self.catch_up_frames = catch_up_frames
         self.model = model
         self.config = model.config
         self.layout: TokenLayout = self.config.token_layout
@@ -490,7 +502,8 @@ class DuplexSession:
         with self._feed_lock:
             self.front_end.reset()  # the row hears the microphone from the answer's start
         self.listen_group = ListenGroup(self.model, speaking=speaking, rule=self.rule, on_interrupt=self._interrupted,
-                                        window_frames=self.window_frames, refeed_frames=self.refeed_frames)
+                                        window_frames=self.window_frames, refeed_frames=self.refeed_frames,
+                                        catch_up_frames=self.catch_up_frames)
         self.state = "speaking"
         self._emit(DuplexEvent("speaking"))
         self.submit(self.listen_group)  # first: it advances before its speaking rows anyway, and joins with them

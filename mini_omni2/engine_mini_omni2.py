@@ -52,6 +52,9 @@ from .token_layout import (
 RELEASE_SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 1, "top_p": 1.0}
 #: Why a request ended, as reported in outputs and streams.
 FINISH_REASONS = ("length", "eoa", "eot", "stopping_criteria", "cancelled")
+#: The most microphone frames a listening row reads in one engine step (docs/duplex.md): one when decoding keeps up
+#: with real time, more while it catches up on a backlog, so the row keeps real time down to 11.7 / 4 = 2.9 steps/s.
+LISTEN_CATCH_UP_FRAMES = 4
 _LENGTH, _EOA, _EOT, _STOPPED, _CANCELLED = range(len(FINISH_REASONS))
 
 
@@ -385,6 +388,8 @@ class EngineGroup:
     _ids = itertools.count()
     #: advance before the groups that do not (a listening row: its ``irq`` cancels its speaking rows in the same step)
     advance_first = False
+    #: its text scores come for every column it was fed (a listening row reads each frame), not the last one only
+    reads_columns = False
 
     def __init__(self, num_slots: int) -> None:
         self.id = next(self._ids)
@@ -407,8 +412,9 @@ class EngineGroup:
         return []
 
     # ----- per step -------------------------------------------------------------------------------------------
-    def begin_step(self) -> None:
-        """Called by the engine before it collects a decoding step's inputs (a listening row takes its frame)."""
+    def begin_step(self, max_columns: int | None = None) -> None:
+        """Called by the engine before it collects a decoding step's inputs (a listening row takes its frames, at
+        most ``max_columns``; ``None``: as many as it may take)."""
 
     def text_slots(self) -> list[int]:
         """Live slots whose text logits the next :meth:`advance` uses (sorted)."""
@@ -419,20 +425,27 @@ class EngineGroup:
         return []
 
     def advance(self, text_scores: torch.Tensor | None, audio_scores: torch.Tensor | None) -> None:
-        """One step: ``text_scores`` (len(text_slots), text_vocab), ``audio_scores`` (len(audio_slots), 7, vocab)."""
+        """One step: ``text_scores`` (len(text_slots), text_vocab), ``audio_scores`` (len(audio_slots), 7, vocab).
+        A group with :attr:`reads_columns` gets ``text_scores`` (len(text_slots), its columns, text_vocab)."""
         raise NotImplementedError
 
     def next_ids(self) -> torch.Tensor:
-        """(live rows, 8) global ids fed at the next step."""
+        """(live rows, 8) global ids fed at the next step; (live rows, 8, n) for a group that feeds n columns."""
         raise NotImplementedError
 
     def next_embeds(self) -> dict[int, torch.Tensor]:
-        """Live rows (by index in :attr:`live`) whose next input is an embedding (hidden,) instead of ids."""
+        """Live rows (by index in :attr:`live`) whose next input is an embedding (hidden,) instead of ids; (n,
+        hidden) for a group that feeds n columns."""
         return {}
 
     def waiting(self) -> list[bool]:
         """Per live row: True if it does not advance at the next step (no new input yet)."""
         return [False] * len(self.live)
+
+    def columns(self) -> list[int]:
+        """Per live row: the positions it is fed at the next step (0: it waits; more than 1: a listening row that
+        catches up on the microphone)."""
+        return [0 if waits else 1 for waits in self.waiting()]
 
     def is_idle(self) -> bool:
         """True while every row of the group would wait at the next step (no input has arrived)."""
@@ -911,9 +924,12 @@ class MiniOmni2Engine:
         return group
 
     # ----- internals -------------------------------------------------------------------------------------------
-    def _forward(self, fn: Callable, blocks: list[tuple[EngineGroup, list[int]]], **kwargs) -> Scores:
-        """One forward over the rows of ``blocks`` ((group, slots) in row order); the scores each group needs."""
-        text_rows, audio_rows, text_keys, audio_keys = [], [], [], []
+    def _forward(self, fn: Callable, blocks: list[tuple[EngineGroup, list[int]]], width: int = 1,
+                 columns: list[int] | None = None, **kwargs) -> Scores:
+        """One forward over the rows of ``blocks`` ((group, slots) in row order); the scores each group needs: at
+        the last of the ``width`` input columns, or (a group that :attr:`~EngineGroup.reads_columns`) at each of
+        the row's last ``columns[row]`` columns."""
+        text_rows, audio_rows, text_keys, audio_keys, text_columns = [], [], [], [], []
         offset = 0
         for group, slots in blocks:
             row = {slot: offset + k for k, slot in enumerate(slots)}
@@ -921,6 +937,7 @@ class MiniOmni2Engine:
                 if slot in row:
                     text_rows.append(row[slot])
                     text_keys.append((group.id, slot))
+                    text_columns.append(columns[row[slot]] if group.reads_columns and columns is not None else 0)
             for slot in group.audio_slots():
                 if slot in row:
                     audio_rows.append(row[slot])
@@ -930,34 +947,43 @@ class MiniOmni2Engine:
         if self.slice_head:
             kwargs["text_logits_rows"] = torch.tensor(text_rows, dtype=torch.long, device=device)
             kwargs["audio_logits_rows"] = torch.tensor(audio_rows, dtype=torch.long, device=device)
-        out = fn(use_cache=True, logits_to_keep=1, **kwargs)
+        out = fn(use_cache=True, logits_to_keep=width, **kwargs)
         if getattr(out, "logits", None) is None:  # the sliced head: rows come in text_rows / audio_rows order
-            text, audio = out.text_logits[:, -1], out.audio_logits[:, :, -1]
+            text, audio = out.text_logits, out.audio_logits[:, :, -1]
         else:  # the whole head for every row (slicing off, or a forward that does not slice)
-            text = out.text_logits[torch.tensor(text_rows, dtype=torch.long), -1]
+            text = out.text_logits[torch.tensor(text_rows, dtype=torch.long)]
             audio = out.audio_logits[torch.tensor(audio_rows, dtype=torch.long), :, -1]
         scores: Scores = {}
         for k, (gid, slot) in enumerate(text_keys):
-            scores.setdefault(gid, ({}, {}))[0][slot] = text[k]
+            wanted = text_columns[k]  # 0: the last column's scores alone
+            scores.setdefault(gid, ({}, {}))[0][slot] = text[k, -wanted:] if wanted else text[k, -1]
         for k, (gid, slot) in enumerate(audio_keys):
             scores.setdefault(gid, ({}, {}))[1][slot] = audio[k]
         return scores
 
     def _decode(self) -> Scores:
         """The decoding forward of the admitted rows: each row's next input at one new cache position. No forward
-        when every row waits (a listening row alone, between microphone frames)."""
+        when every row waits (a listening row alone, between microphone frames).
+
+        A listening row behind the microphone catches up: it is fed several frames at once (``width`` columns), and
+        every other row gets its one input in the last column after ``width - 1`` columns of padding that nothing
+        attends to (attention 0, its position not advanced), as a waiting row is padded. The static cache keeps one
+        column a step (its shapes are fixed)."""
         for g in self.groups:
-            g.begin_step()
-        ids = torch.cat([g.next_ids() for g in self.groups], dim=0)[:, :, None]
-        waiting = torch.tensor([w for g in self.groups for w in g.waiting()], dtype=torch.bool, device=ids.device)
-        if bool(waiting.all()):
+            g.begin_step(1 if self.static_cache_len is not None else None)
+        columns = [c for g in self.groups for c in g.columns()]
+        if not any(columns):
             return {}
-        advancing = (~waiting).long()
+        width = max(columns)
+        ids = torch.cat([_columns(g.next_ids(), width) for g in self.groups], dim=0)
+        fed = torch.tensor(columns, dtype=torch.long, device=ids.device)
+        offsets = torch.arange(width, device=ids.device)[None] - (width - fed)[:, None]  # < 0: padding
         if self.static_cache_len is not None:
             mask = self.mask
         else:
-            mask = torch.cat([self.mask, advancing[:, None]], dim=1)
-        kwargs = dict(attention_mask=mask, position_ids=self.positions[:, None], past_key_values=self.cache)
+            mask = torch.cat([self.mask, (offsets >= 0).long()], dim=1)
+        position_ids = self.positions[:, None] + offsets.clamp(min=0)
+        kwargs = dict(attention_mask=mask, position_ids=position_ids, past_key_values=self.cache)
         embeds, offset = {}, 0
         for g in self.groups:
             embeds.update({offset + k: e for k, e in g.next_embeds().items()})
@@ -965,14 +991,16 @@ class MiniOmni2Engine:
         if embeds:
             inputs_embeds = self.model.model.embed(ids)
             for row, e in embeds.items():
-                inputs_embeds[row, 0] = e.to(inputs_embeds.dtype)
+                e = e.reshape(-1, inputs_embeds.shape[-1])
+                inputs_embeds[row, width - len(e):] = e.to(inputs_embeds.dtype)
             kwargs["inputs_embeds"] = inputs_embeds
         else:
             kwargs["input_ids"] = ids
-        scores = self._forward(self.decode_forward, [(g, list(g.live)) for g in self.groups], **kwargs)
+        scores = self._forward(self.decode_forward, [(g, list(g.live)) for g in self.groups], width=width,
+                               columns=columns, **kwargs)
         if self.static_cache_len is None:
             self.mask = mask
-        self.positions = self.positions + advancing
+        self.positions = self.positions + fed
         return scores
 
     def _take_pending(self) -> list[EngineGroup]:
@@ -1155,6 +1183,12 @@ class ListenRule:
         return None
 
 
+def check_catch_up_frames(catch_up_frames: int) -> None:
+    """A listening row reads at least one frame a step (``ListenGroup(catch_up_frames=)``)."""
+    if isinstance(catch_up_frames, bool) or not isinstance(catch_up_frames, int) or catch_up_frames < 1:
+        raise ValueError(f"catch_up_frames must be an int >= 1, got {catch_up_frames!r}")
+
+
 def check_listen_window(window_frames: int | None, refeed_frames: int) -> None:
     """A listening row's hand-over (``ListenGroup(window_frames=, refeed_frames=)``) must keep fresh frames."""
     if window_frames is not None and not 0 <= refeed_frames < window_frames:
@@ -1173,10 +1207,11 @@ class MiniOmni2ListenState:
 class ListenGroup(EngineGroup):
     """One duplex listening row (docs/duplex.md): it hears the microphone while ``speaking`` (a group) answers.
 
-    Its prompt is :meth:`TokenLayout.build_listen_prompt`; each step it is fed one frame of the incoming audio
+    Its prompt is :meth:`TokenLayout.build_listen_prompt`; each step it is fed the next frame of the incoming audio
     (:meth:`push`; features (dim,) through the model's ``listen_projector``, or the codec's 7 codes) with the state
     ``n_irq`` (:meth:`TokenLayout.listen_step`), and its text logits give P(irq) for that frame. Without a new frame
-    the row waits (it takes no step; the speaking rows go on). When :attr:`rule` commits to ``irq`` the row cancels
+    the row waits (it takes no step; the speaking rows go on). Behind the microphone (decoding slower than real time)
+    it catches up: up to ``catch_up_frames`` waiting frames in one step, each read in order as if fed one a step. When :attr:`rule` commits to ``irq`` the row cancels
     ``speaking`` at once, in the same step (the engine advances listening rows first and skips a group that ended, so
     nothing generated at or after that step is streamed), calls ``on_interrupt(self)`` and ends. :meth:`finish` ends
     it without an interruption.
@@ -1193,9 +1228,12 @@ class ListenGroup(EngineGroup):
         refeed_frames: see ``window_frames``.
         context: frames fed first and not read (a successor's refed frames).
         first_frame: the index of this row's first read frame in the whole stream (a successor's).
+        catch_up_frames: the most frames read in one step (default :data:`LISTEN_CATCH_UP_FRAMES`; 1: one frame a
+            step, as the row was trained, and a backlog is never caught up).
     """
 
     advance_first = True
+    reads_columns = True
 
     def __init__(
         self,
@@ -1207,9 +1245,12 @@ class ListenGroup(EngineGroup):
         refeed_frames: int = 0,
         context: list[torch.Tensor] | None = None,
         first_frame: int = 0,
+        catch_up_frames: int = LISTEN_CATCH_UP_FRAMES,
     ) -> None:
         super().__init__(1)
         check_listen_window(window_frames, refeed_frames)
+        check_catch_up_frames(catch_up_frames)
+        self.catch_up_frames = catch_up_frames
         config = model.config
         self.model = model
         self.layout: TokenLayout = config.token_layout
@@ -1220,7 +1261,7 @@ class ListenGroup(EngineGroup):
         self.on_interrupt = on_interrupt
         self.device = next(model.parameters()).device
         self._frames: collections.deque[torch.Tensor] = collections.deque()  # appended by any thread
-        self._feeding: torch.Tensor | None = None
+        self._feeding: list[torch.Tensor] = []  # the frames fed at this step
         self._adapter_state = MiniOmni2ListenState()  # what a recurrent listening adapter has heard
         self._run = 0
         self._stop = False
@@ -1287,59 +1328,77 @@ class ListenGroup(EngineGroup):
         ids = torch.tensor(self.layout.build_listen_prompt().streams, dtype=torch.long, device=self.device)[None]
         return model.model.embed(ids), torch.ones(1, ids.shape[-1], dtype=torch.long, device=self.device)
 
-    def begin_step(self) -> None:
-        self._feeding = self._frames.popleft() if self._frames and not self._stop else None
+    def begin_step(self, max_columns: int | None = None) -> None:
+        """Take the frames of this step: the next one, or while behind the microphone up to ``catch_up_frames``;
+        never past the hand-over (a row ends exactly at ``window_frames``), and a successor's context frames in
+        steps of their own (a step's frames are all read, or none)."""
+        count = self.catch_up_frames if max_columns is None else min(max_columns, self.catch_up_frames)
+        if self.window_frames is not None:
+            count = min(count, self.window_frames - self.fed)
+        if self.fed < self.context_frames:
+            count = min(count, self.context_frames - self.fed)
+        count = 0 if self._stop else min(count, len(self._frames))
+        self._feeding = [self._frames.popleft() for _ in range(count)]
+
+    def columns(self) -> list[int]:
+        return [len(self._feeding)]
 
     def waiting(self) -> list[bool]:
-        return [self._feeding is None]
+        return [not self._feeding]
 
     def is_idle(self) -> bool:
         return not self._frames and not self._stop
 
     def _reading(self) -> bool:
-        return self._feeding is not None and self.fed >= self.context_frames
+        """Whether this step's frames are read (a successor's refed context frames are fed, not read)."""
+        return bool(self._feeding) and self.fed >= self.context_frames
 
     def text_slots(self) -> list[int]:
         return [0] if self._reading() else []
 
     def next_ids(self) -> torch.Tensor:
-        frame = self._feeding if (self._feeding is not None and not self.features) else None
-        return torch.tensor([self.layout.listen_step(frame)], dtype=torch.long, device=self.device)
+        """(1, 8) while waiting, else (1, 8, frames of this step)."""
+        if not self._feeding:
+            return torch.tensor([self.layout.listen_step(None)], dtype=torch.long, device=self.device)
+        steps = [self.layout.listen_step(None if self.features else frame) for frame in self._feeding]
+        return torch.tensor(steps, dtype=torch.long, device=self.device).T[None]
 
     def next_embeds(self) -> dict[int, torch.Tensor]:
-        if self._feeding is None or not self.features:
+        if not self._feeding or not self.features:
             return {}
-        ids = self.next_ids()[:, :, None]
-        features = self._feeding.to(self.device, torch.float32)[None, None]
-        mask = torch.ones(1, 1, dtype=torch.bool, device=self.device)
+        ids = self.next_ids()
+        features = torch.stack(self._feeding).to(self.device, torch.float32)[None]
+        mask = torch.ones(features.shape[:2], dtype=torch.bool, device=self.device)
         embeds = self.model.model.embed(
             ids, listen_features=features, listen_feature_mask=mask, listen_state=self._adapter_state
         )
-        return {0: embeds[0, 0]}
+        return {0: embeds[0]}
 
     def advance(self, text_scores: torch.Tensor | None, audio_scores: torch.Tensor | None) -> None:
-        if self._feeding is None:
-            return
-        reading = self._reading()
-        self.recent.append(self._feeding)
-        self._feeding = None
-        self.fed += 1
-        if reading:
-            probability = float(self.layout.listen_irq_probability(text_scores[0]))
-            self.probabilities.append(probability)
-            self.heard += 1
-            self._run = self.rule.run_after(self._run, probability)
-            if self.rule.commits(self._run):
-                self._interrupt()
-                return
-        if self.window_frames is not None and self.fed >= self.window_frames:
+        """Read this step's frames in order (``text_scores``: (1, frames, text_vocab)); the first that commits to
+        ``irq`` interrupts, and the frames after it in the same step are not read."""
+        feeding, self._feeding = self._feeding, []
+        for column, frame in enumerate(feeding):
+            reading = self.fed >= self.context_frames
+            self.recent.append(frame)
+            self.fed += 1
+            if reading:
+                probability = float(self.layout.listen_irq_probability(text_scores[0, column]))
+                self.probabilities.append(probability)
+                self.heard += 1
+                self._run = self.rule.run_after(self._run, probability)
+                if self.rule.commits(self._run):
+                    self._interrupt()
+                    return
+        if feeding and self.window_frames is not None and self.fed >= self.window_frames:
             self._hand_over()
 
     def _hand_over(self) -> None:
         """A fresh row takes over (``window_frames``): fed the last frames again, then what is still waiting."""
         refeed = list(self.recent)[-self.refeed_frames:] if self.refeed_frames else []
         successor = ListenGroup(self.model, self.speaking, self.rule, self.on_interrupt, self.window_frames,
-                                self.refeed_frames, context=refeed, first_frame=self.heard_total)
+                                self.refeed_frames, context=refeed, first_frame=self.heard_total,
+                                catch_up_frames=self.catch_up_frames)
         with self._push_lock:
             successor._frames.extend(self._frames)
             self._frames.clear()
@@ -1378,6 +1437,17 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+def _columns(ids: torch.Tensor, width: int) -> torch.Tensor:
+    """A group's next ids, (rows, 8) or (rows, 8, n), as (rows, 8, width): its last column repeated on the left as
+    padding (any valid ids: the engine's mask hides them)."""
+    if ids.ndim == 2:
+        ids = ids[:, :, None]
+    missing = width - ids.shape[-1]
+    if missing <= 0:
+        return ids
+    return torch.cat([ids[:, :, -1:].expand(-1, -1, missing), ids], dim=-1)
+
+
 def _stack(by_slot: dict[int, torch.Tensor], slots: list[int]) -> torch.Tensor | None:
     return torch.stack([by_slot[s] for s in slots]) if slots else None
 
@@ -1388,6 +1458,7 @@ __all__ = [
     "DecodeGroup",
     "ListenGroup",
     "ListenRule",
+    "LISTEN_CATCH_UP_FRAMES",
     "MiniOmni2ListenState",
     "DecodeSettings",
     "Sampling",

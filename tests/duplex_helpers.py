@@ -22,29 +22,38 @@ class ScriptedListener:
         self.frames = 0
         self.calls: list[dict] = []
         self.fed_frames: list[list[int]] = []  # the codec frames fed to listening rows, in order (codec input)
+        self.irq_call: int | None = None  # the index in calls of the step whose frame said irq
         model.forward = self
 
     def __call__(self, input_ids=None, inputs_embeds=None, **kwargs):
         out = self.forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if self.no_eoa and out.audio_logits is not None:
             out.audio_logits[:, -1, :, self.layout.eoa] = float("-inf")
-        if input_ids is None or input_ids.shape[-1] != 1:
-            return out  # a prefill: no state is read
+        if input_ids is None or kwargs.get("logits_to_keep") != input_ids.shape[-1]:
+            return out  # a prefill (embeddings): no state is read
         if self.step_seconds:
             time.sleep(self.step_seconds)
         layout = self.layout
-        fed_text = input_ids[:, layout.text_stream, -1]
-        listening = (fed_text == layout.n_irq).nonzero().flatten().tolist()
+        width = input_ids.shape[-1]  # > 1: a listening row catches up on several frames in this step
+        fed = kwargs["attention_mask"][:, -width:].bool()  # the columns each row is fed (padding: 0)
+        listening = (input_ids[:, layout.text_stream, -1] == layout.n_irq).nonzero().flatten().tolist()
         rows = kwargs.get("text_logits_rows")
         rows = list(range(input_ids.shape[0])) if rows is None else rows.tolist()
         pad = layout.layershift(layout.pad_a, 0)
-        self.fed_frames += [input_ids[r, :7, -1].tolist() for r in listening if int(input_ids[r, 0, -1]) != pad]
+        for r in listening:
+            self.fed_frames += [input_ids[r, :7, c].tolist() for c in range(width)
+                                if fed[r, c] and int(input_ids[r, 0, c]) != pad]
         read = [row for row in rows if row in listening]  # a waiting row is fed but not read
-        self.calls.append({"rows": input_ids.shape[0], "read": read})
+        self.calls.append({"rows": input_ids.shape[0], "read": read, "width": width})
         for k, row in enumerate(rows):
             if row in read:
-                state = layout.irq if self.frames == self.irq_at else layout.n_irq
-                out.text_logits[k, -1, [layout.irq, layout.n_irq]] = torch.tensor([-10.0, -10.0])
-                out.text_logits[k, -1, state] = 10.0
-                self.frames += 1
+                for c in range(width):  # in order: the frames of a catching-up row, one column each
+                    if not fed[row, c]:
+                        continue
+                    state = layout.irq if self.frames == self.irq_at else layout.n_irq
+                    if state == layout.irq:
+                        self.irq_call = len(self.calls) - 1
+                    out.text_logits[k, c, [layout.irq, layout.n_irq]] = torch.tensor([-10.0, -10.0])
+                    out.text_logits[k, c, state] = 10.0
+                    self.frames += 1
         return out

@@ -692,23 +692,27 @@ def _teacher_forced(model, frames):
     return layout.listen_irq_probability(logits)
 
 
+@pytest.mark.parametrize("catch_up", [1, 4], ids=["one-frame-a-step", "catching-up"])
 @pytest.mark.parametrize("kind", ["features", "codec", "gru"])
-def test_listener_steps_equal_the_whole_row(kind, features_model, codec_model, gru_model):
+def test_listener_steps_equal_the_whole_row(kind, catch_up, features_model, codec_model, gru_model):
+    """A row fed one frame a step, or up to four at once (a row catching up on a backlog), hears what the whole row
+    hears in one forward."""
     model = {"features": features_model, "codec": codec_model, "gru": gru_model}[kind]
     if kind != "codec":
         frames = torch.randn(2, 9, model.config.listen_feature_dim)
     else:
         frames = torch.randint(0, model.config.audio_codebook_size, (2, 9, 7))
-    stepped = MiniOmni2Listener(model).run(frames)
+    stepped = MiniOmni2Listener(model, catch_up_frames=catch_up).run(frames)
     assert stepped.shape == (2, 9)
     assert torch.allclose(stepped, _teacher_forced(model, frames), atol=1e-5)
 
 
+@pytest.mark.parametrize("catch_up", [1, 4], ids=["one-frame-a-step", "catching-up"])
 @pytest.mark.parametrize("kind", ["features", "gru"])
-def test_listener_window_restarts_with_the_last_frames(kind, features_model, gru_model):
+def test_listener_window_restarts_with_the_last_frames(kind, catch_up, features_model, gru_model):
     model = features_model if kind == "features" else gru_model
     frames = torch.randn(1, 10, model.config.listen_feature_dim)
-    windowed = MiniOmni2Listener(model, window_frames=6, refeed_frames=2).run(frames)
+    windowed = MiniOmni2Listener(model, window_frames=6, refeed_frames=2, catch_up_frames=catch_up).run(frames)
     assert torch.allclose(windowed[:, :6], _teacher_forced(model, frames[:, :6]), atol=1e-5)
     # after 6 frames: a fresh row (a fresh adapter state too) that heard frames 4, 5 again, then 6..9
     assert torch.allclose(windowed[:, 6:], _teacher_forced(model, frames[:, 4:])[:, 2:], atol=1e-5)
@@ -1129,13 +1133,17 @@ def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model, gru_
     row (timed for real at the released sizes, not here); ``--listen-adapter`` picks the features' adapter."""
     bench = _bench_duplex()
     for model in (features_model, codec_model, gru_model):
-        row = bench.listen_cost(model, context=8, steps=2, warmup=1)
+        row = bench.listen_cost(model, context=8, steps=2, warmup=1, lag_seconds=0.3)
         assert row["listen_input"] == model.config.listen_input
         assert row["listen_adapter"] == (None if model is codec_model else model.config.listen_adapter)
         assert row["steps_per_s_without"] > 0 and row["steps_per_s_with_listening_row"] > 0
+        assert row["frames_heard_per_s_catching_up"] == row["steps_per_s_catching_up"] * row["catch_up_frames"] > 0
+        assert list(row["lag_by_catch_up_frames"]) == ["1", "4"]
+        assert all(lag["lag_s"] >= 0 and lag["answer_steps_per_s"] > 0 for lag in row["lag_by_catch_up_frames"].values())
         assert row["front_end_ms_per_frame"] > 0 and abs(row["realtime_steps_per_s"] - 24000 / 2048) < 1e-9
     args = bench.build_parser().parse_args(["--cost", "--cost-size", "tiny", "--listen-adapter", "gru",
-                                            "--cost-steps", "2", "--cost-context", "8", "--cpu"])
+                                            "--cost-steps", "2", "--cost-context", "8", "--cost-lag-seconds", "0",
+                                            "--cpu"])
     rows = bench.cost(args)["results"]
     assert [(r["listen_input"], r["listen_adapter"]) for r in rows] == [("features", "gru"), ("codec", None)]
 

@@ -136,7 +136,7 @@ def test_the_listening_row_waits_without_frames_and_costs_no_forward(codec_model
     forward = codec_model.forward
     codec_model.forward = lambda **kw: calls.append(1) or forward(**kw)
     engine = MiniOmni2Engine(codec_model)
-    listen = engine.add(ListenGroup(codec_model))
+    listen = engine.add(ListenGroup(codec_model, catch_up_frames=1))  # one frame a step
     engine.step()  # its prefill
     assert len(calls) == 1 and engine.idle
     engine.step()  # nothing to hear: no forward
@@ -151,6 +151,50 @@ def test_the_listening_row_waits_without_frames_and_costs_no_forward(codec_model
     assert listen.done and not engine.has_work()
 
 
+def test_a_row_behind_the_microphone_catches_up_and_the_answer_does_not_change(codec_model, processor_no_vision):
+    """Decoding slower than real time: frames queue, and the row reads up to catch_up_frames of them in one step
+    (the speaking rows are padded in that step, as a waiting row is): the same answer, and the backlog is gone."""
+    answers = {}
+    for catch_up in (1, 4):
+        script = ScriptedListener(codec_model, irq_at=None)
+        session = DuplexSession(codec_model, processor_no_vision, settings=settings(12), catch_up_frames=catch_up)
+        answer = session.respond(speech_inputs(processor_no_vision))
+        session.step()  # the prefill of the answer and its row
+        assert session.feed(mic(1), 24000) == 8  # a second of microphone arrives at once (less the codec's lookahead)
+        listen = session.listen_group
+        session.step()
+        session.step()
+        session.step()
+        assert listen.heard == min(8, 3 * catch_up) and listen.backlog == 8 - listen.heard
+        assert [c["width"] for c in script.calls if c["read"]] == ([1, 1, 1] if catch_up == 1 else [4, 4])
+        while not answer.done:
+            session.step()
+        answers[catch_up] = answer.result(decode_audio=False)
+        codec_model.forward = script.forward
+        session.cancel()
+    assert torch.equal(answers[1].text_ids[0], answers[4].text_ids[0])
+    assert torch.equal(answers[1].audio_frames[0], answers[4].audio_frames[0])
+
+
+def test_an_irq_inside_a_catching_up_step_cuts_the_answer_in_that_step(codec_model, processor_no_vision):
+    """The frames of a step are read in order: the first that commits interrupts, and those after it are not read."""
+    script = ScriptedListener(codec_model, irq_at=5)
+    session = DuplexSession(codec_model, processor_no_vision, settings=settings())
+    answer = session.respond(speech_inputs(processor_no_vision))
+    events = session.step()
+    assert session.feed(mic(1), 24000) == 8  # eight frames at once: read 4, then 2 (the sixth interrupts), not 2
+    events += session.step() + session.step()
+    interrupted = [e for e in events if e.type == "interrupted"]
+    assert len(interrupted) == 1 and interrupted[0].frame == 5 and session.listen_group.heard == 6
+    assert [c["width"] for c in script.calls if c["read"]] == [4, 4]
+    result = answer.result(decode_audio=False)
+    # kept: the prefill's step and the first catching-up step; the second was computed and dropped
+    assert result.finish_reasons == ["cancelled"] and interrupted[0].step == int(result.generated_lengths[0]) == 2
+    streamed = [t for e in events if e.type == "text" for t in e.token_ids]
+    assert streamed == result.text_ids[0].tolist() and events[-1].type == "listening"
+    assert not session.engine.has_work()
+
+
 def test_listening_rows_refuse_bad_frames_and_rules(codec_model):
     listen = ListenGroup(codec_model)
     with pytest.raises(ValueError, match=r"codec frames of shape \(n, 7\)"):
@@ -161,6 +205,9 @@ def test_listening_rows_refuse_bad_frames_and_rules(codec_model):
         ListenRule(threshold=1.5)
     with pytest.raises(ValueError, match="min_frames must be an int"):
         ListenRule(min_frames=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"catch_up_frames must be an int >= 1, got {bad!r}"):
+            ListenGroup(codec_model, catch_up_frames=bad)
     assert ListenRule(0.7, 2).first_irq([0.8, 0.1, 0.75, 0.9, 0.95]) == 3
 
 
