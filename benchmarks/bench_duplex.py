@@ -385,6 +385,13 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3, lag
     text = torch.randint(0, layout.tokenizer_vocab_size, (context,), generator=generator).tolist()
     prompt = torch.tensor(layout.build_prompt("T1A2", text_ids=text).streams, device=device)[None]
     total = warmup + steps
+    rate = config.listen_sampling_rate / config.listen_frame_samples  # frames of microphone per second
+
+    def random_frames(count: int) -> torch.Tensor:
+        """Frames as the front end gives them: features, or the codec's 7 codes."""
+        if config.listen_input == "features":
+            return torch.randn(count, config.listen_feature_dim, generator=generator)
+        return torch.randint(0, layout.audio_codebook_size, (count, 7), generator=generator)
 
     def run(frames_per_step: int) -> float:
         """Steps per second with a listening row that reads ``frames_per_step`` frames at every step (0: none)."""
@@ -395,11 +402,7 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3, lag
         if listening:  # a rule that never commits: random weights must not end the answer
             listen = engine.add(ListenGroup(model, speaking=answer, rule=ListenRule(0.5, 10**9),
                                             catch_up_frames=frames_per_step))
-            count = frames_per_step * (total + 1)
-            if config.listen_input == "features":
-                listen.push(torch.randn(count, config.listen_feature_dim, generator=generator))
-            else:
-                listen.push(torch.randint(0, layout.audio_codebook_size, (count, 7), generator=generator))
+            listen.push(random_frames(frames_per_step * (total + 1)))
         engine.add(answer)
         engine.step()  # the prefill
         times = []
@@ -419,7 +422,6 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3, lag
     def lag(catch_up_frames: int) -> dict:
         """Seconds of microphone pushed but not heard after ``lag_seconds`` of real time (frames arrive when due),
         and the answer's steps per second meanwhile."""
-        rate = config.listen_sampling_rate / config.listen_frame_samples
         settings = DecodeSettings(max_new_tokens=10**6, min_new_tokens=10**6)
         answer = DecodeGroup(layout, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt[:, 0])}, settings)
         engine = MiniOmni2Engine(model)
@@ -431,10 +433,7 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3, lag
         while (elapsed := time.perf_counter() - start) < lag_seconds:
             due = int(elapsed * rate) + 1 - pushed
             if due > 0:
-                if config.listen_input == "features":
-                    listen.push(torch.randn(due, config.listen_feature_dim, generator=generator))
-                else:
-                    listen.push(torch.randint(0, layout.audio_codebook_size, (due, 7), generator=generator))
+                listen.push(random_frames(due))
                 pushed += due
             engine.step()
             steps += 1
@@ -462,7 +461,7 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3, lag
         "lag_seconds": lag_seconds,
         "lag_by_catch_up_frames": lags,
         "front_end_ms_per_frame": per_frame * 1000,
-        "realtime_steps_per_s": config.listen_sampling_rate / config.listen_frame_samples,
+        "realtime_steps_per_s": rate,
     }
 
 
