@@ -1211,10 +1211,10 @@ class ListenGroup(EngineGroup):
     (:meth:`push`; features (dim,) through the model's ``listen_projector``, or the codec's 7 codes) with the state
     ``n_irq`` (:meth:`TokenLayout.listen_step`), and its text logits give P(irq) for that frame. Without a new frame
     the row waits (it takes no step; the speaking rows go on). Behind the microphone (decoding slower than real time)
-    it catches up: up to ``catch_up_frames`` waiting frames in one step, each read in order as if fed one a step. When :attr:`rule` commits to ``irq`` the row cancels
-    ``speaking`` at once, in the same step (the engine advances listening rows first and skips a group that ended, so
-    nothing generated at or after that step is streamed), calls ``on_interrupt(self)`` and ends. :meth:`finish` ends
-    it without an interruption.
+    it catches up: up to ``catch_up_frames`` waiting frames in one step, each read in order as if fed one a step.
+    When :attr:`rule` commits to ``irq`` the row cancels ``speaking`` at once, in the same step (the engine advances
+    listening rows first and skips a group that ended, so nothing generated at or after that step is streamed),
+    calls ``on_interrupt(self)`` and ends. :meth:`finish` ends it without an interruption.
 
     Args:
         model: the model (its ``listen_input`` says what a frame is).
@@ -1229,7 +1229,7 @@ class ListenGroup(EngineGroup):
         context: frames fed first and not read (a successor's refed frames).
         first_frame: the index of this row's first read frame in the whole stream (a successor's).
         catch_up_frames: the most frames read in one step (default :data:`LISTEN_CATCH_UP_FRAMES`; 1: one frame a
-            step, as the row was trained, and a backlog is never caught up).
+            step, so a backlog is never caught up).
     """
 
     advance_first = True
