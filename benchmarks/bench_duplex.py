@@ -393,18 +393,25 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3, lag
             return torch.randn(count, config.listen_feature_dim, generator=generator)
         return torch.randint(0, layout.audio_codebook_size, (count, 7), generator=generator)
 
-    def run(frames_per_step: int) -> float:
-        """Steps per second with a listening row that reads ``frames_per_step`` frames at every step (0: none)."""
-        settings = DecodeSettings(max_new_tokens=total + 2, min_new_tokens=total + 2)
+    def prefilled(new_tokens: int, catch_up_frames: int) -> tuple:
+        """An engine with the answer and (``catch_up_frames`` > 0) its listening row, after their prefill."""
+        settings = DecodeSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         answer = DecodeGroup(layout, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt[:, 0])}, settings)
         engine = MiniOmni2Engine(model)
-        listening = frames_per_step > 0
-        if listening:  # a rule that never commits: random weights must not end the answer
+        listen = None
+        if catch_up_frames:  # a rule that never commits: random weights must not end the answer
             listen = engine.add(ListenGroup(model, speaking=answer, rule=ListenRule(0.5, 10**9),
-                                            catch_up_frames=frames_per_step))
-            listen.push(random_frames(frames_per_step * (total + 1)))
+                                            catch_up_frames=catch_up_frames))
         engine.add(answer)
-        engine.step()  # the prefill
+        engine.step()
+        return engine, answer, listen
+
+    def run(frames_per_step: int) -> float:
+        """Steps per second with a listening row that reads ``frames_per_step`` frames at every step (0: none)."""
+        engine, answer, listen = prefilled(total + 2, frames_per_step)
+        listening = listen is not None
+        if listening:
+            listen.push(random_frames(frames_per_step * (total + 1)))
         times = []
         for k in range(total):
             if device.type == "cuda":
@@ -422,13 +429,7 @@ def listen_cost(model, context: int = 256, steps: int = 20, warmup: int = 3, lag
     def lag(catch_up_frames: int) -> dict:
         """Seconds of microphone pushed but not heard after ``lag_seconds`` of real time (frames arrive when due),
         and the answer's steps per second meanwhile."""
-        settings = DecodeSettings(max_new_tokens=10**6, min_new_tokens=10**6)
-        answer = DecodeGroup(layout, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt[:, 0])}, settings)
-        engine = MiniOmni2Engine(model)
-        listen = engine.add(ListenGroup(model, speaking=answer, rule=ListenRule(0.5, 10**9),
-                                        catch_up_frames=catch_up_frames))
-        engine.add(answer)
-        engine.step()  # the prefill: the microphone starts with the answer's first step
+        engine, _answer, listen = prefilled(10**6, catch_up_frames)  # the microphone starts after the prefill
         start, pushed, steps = time.perf_counter(), 0, 0
         while (elapsed := time.perf_counter() - start) < lag_seconds:
             due = int(elapsed * rate) + 1 - pushed
