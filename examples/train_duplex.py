@@ -34,6 +34,7 @@ TINY = "tiny-random"
 
 def build_parser() -> argparse.ArgumentParser:
     from mini_omni2.training.duplex import (
+        LISTEN_BATCH_SIZE,
         add_listen_adapter_argument,
         add_listen_training_arguments,
         argument_type,
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-synthetic", type=int, default=0,
                         help="also train on this many synthetic stage-3 examples (the mix, offline)")
     parser.add_argument("--max-steps", type=int, default=1500)
-    parser.add_argument("--per-device-train-batch-size", type=int, default=16)
+    parser.add_argument("--per-device-train-batch-size", type=int, default=LISTEN_BATCH_SIZE,
+                        help="clips a step (the recipe: 32)")
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="2e-3 for the tiny model; ~2e-4 for 0.5 B")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--logging-steps", type=int, default=50)

@@ -1117,15 +1117,24 @@ def test_a_small_trained_model_detects_the_command_on_held_out_clips(adapter, tm
     assert result["median_delay_ms"] < 500
 
 
-def _bench_duplex():
+def _load_script(folder: str, name: str):
+    """A script of the tree (``benchmarks/``, ``examples/``) loaded as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parent.parent / "benchmarks" / "bench_duplex.py"
-    spec = importlib.util.spec_from_file_location("bench_duplex", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    path = Path(__file__).parent.parent / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"mini_omni2_{folder}_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_duplex():
+    return _load_script("benchmarks", "bench_duplex")
+
+
+def _train_duplex_script():
+    return _load_script("examples", "train_duplex")
 
 
 def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model, gru_model):
@@ -1189,6 +1198,15 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
     parse = bench.build_parser().parse_args
     assert bench.training_seed(parse(["--seed", "3"])) == 3
     assert bench.training_seed(parse(["--seed", "3", "--train-seed", "1003"])) == 1003
+    # the recipe's batch, as train_listener and examples/train_duplex.py train by default
+    import inspect
+
+    from mini_omni2.training.duplex import LISTEN_BATCH_SIZE, train_listener
+
+    script = _train_duplex_script()
+    assert parse([]).batch_size == LISTEN_BATCH_SIZE == 32
+    assert inspect.signature(train_listener).parameters["batch_size"].default == LISTEN_BATCH_SIZE
+    assert script.build_parser().parse_args(["--output-dir", "x"]).per_device_train_batch_size == LISTEN_BATCH_SIZE
 
 
 def test_the_proof_benchmark_distils_its_teachers_and_reads_them_back(tmp_path, capsys):
@@ -1339,13 +1357,7 @@ def test_mel_warping_stretches_the_mel_axis_of_each_listening_row(features_model
 
 
 def test_example_train_duplex_script_trains_and_saves(tmp_path):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_duplex.py")
-    spec = importlib.util.spec_from_file_location("mini_omni2_example_train_duplex", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _train_duplex_script()
     out = tmp_path / "duplex"
     summary = script.main(["--output-dir", str(out), "--train-clips", "4", "--max-steps", "2",
                            "--per-device-train-batch-size", "2", "--warmup-steps", "0", "--tail-seconds", "1.0",
