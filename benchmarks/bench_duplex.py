@@ -503,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-clips", type=int, default=18000, help="training clips (the recipe: 18,000)")
     parser.add_argument("--test-clips", type=int, default=400)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=LISTEN_BATCH_SIZE, help="clips a step (the recipe: 32)")
+    parser.add_argument("--batch-size", type=int, default=LISTEN_BATCH_SIZE,
+                        help=f"clips a step (the recipe: {LISTEN_BATCH_SIZE})")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also train on this many synthetic stage-3 examples (the mix, offline)")
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--per-device-train-batch-size", type=int, default=LISTEN_BATCH_SIZE,
-                        help="clips a step (the recipe: 32)")
+                        help=f"clips a step (the recipe: {LISTEN_BATCH_SIZE})")
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="2e-3 for the tiny model; ~2e-4 for 0.5 B")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--logging-steps", type=int, default=50)

@@ -1198,14 +1198,18 @@ def test_the_proof_benchmark_refuses_bad_training_options_before_making_clips(ca
     parse = bench.build_parser().parse_args
     assert bench.training_seed(parse(["--seed", "3"])) == 3
     assert bench.training_seed(parse(["--seed", "3", "--train-seed", "1003"])) == 1003
-    # the recipe's batch, as train_listener and examples/train_duplex.py train by default
+
+
+def test_the_recipe_trains_on_batches_of_32_clips_by_default():
+    """The recipe's batch (docs/duplex.md, Training) is the default of train_listener, the benchmark and the script."""
     import inspect
 
     from mini_omni2.training.duplex import LISTEN_BATCH_SIZE, train_listener
 
-    script = _train_duplex_script()
-    assert parse([]).batch_size == LISTEN_BATCH_SIZE == 32
+    assert LISTEN_BATCH_SIZE == 32
     assert inspect.signature(train_listener).parameters["batch_size"].default == LISTEN_BATCH_SIZE
+    assert _bench_duplex().build_parser().parse_args([]).batch_size == LISTEN_BATCH_SIZE
+    script = _train_duplex_script()
     assert script.build_parser().parse_args(["--output-dir", "x"]).per_device_train_batch_size == LISTEN_BATCH_SIZE
 
 

@@ -52,9 +52,9 @@ MAX_FALSE_PER_10MIN = 1.0
 #: cap is never reached: 90 % of the average's weight is on the last 450 steps (docs/duplex.md).
 LISTEN_WEIGHT_AVERAGING_DECAY = 0.999
 
-#: The recipe's batch: 32 clips a step. Over the proof's 2,000 steps each training clip is seen about 3.6 times; at
-#: 16 clips, the recipe before, rows of the same seeds missed more commands and interrupted falsely about twice as
-#: often (docs/duplex.md, run 123).
+#: The recipe's batch: 32 clips a step. Over the proof's 2,000 steps each training clip is seen about 3.6 times. At
+#: 16 clips (the recipe before), eight rows from the same seeds missed 81 commands where these miss 66, and
+#: interrupted falsely 28 times where these do 19 (docs/duplex.md, runs 123-124).
 LISTEN_BATCH_SIZE = 32
 
 #: The recipe's training clips (and the validation clips the rule is chosen on): the shares of positives and of near
