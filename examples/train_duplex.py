@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_listen_training_arguments,
         argument_type,
         parse_count,
+        parse_width,
     )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also train on this many synthetic stage-3 examples (the mix, offline)")
     parser.add_argument("--max-steps", type=int, default=1500)
     parser.add_argument("--per-device-train-batch-size", type=int, default=LISTEN_BATCH_SIZE,
-                        help=f"clips a step (the recipe: {LISTEN_BATCH_SIZE})")
+                        help=f"clips a step (the recipe: {LISTEN_BATCH_SIZE} in all)")
+    parser.add_argument("--gradient-accumulation-steps", type=argument_type(parse_width), default=1,
+                        help="batches summed into one step: the step's clips are the batch size times this (e.g. 8 x 4 "
+                             f"for the recipe's {LISTEN_BATCH_SIZE} where {LISTEN_BATCH_SIZE} rows do not fit)")
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="2e-3 for the tiny model; ~2e-4 for 0.5 B")
     parser.add_argument("--warmup-steps", type=int, default=50)
     parser.add_argument("--logging-steps", type=int, default=50)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, processor, dataset, args.output_dir, max_steps=args.max_steps,
         batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps, seed=args.seed, logging_steps=args.logging_steps, teachers=teachers,
-        **listen_training_kwargs(args),
+        gradient_accumulation_steps=args.gradient_accumulation_steps, **listen_training_kwargs(args),
     )
     chosen = choose_rule(args, model) if args.val_clips else {"listen_rule": model.config.listen_rule}
     model.save_pretrained(args.output_dir)

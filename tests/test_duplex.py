@@ -1360,12 +1360,23 @@ def test_mel_warping_stretches_the_mel_axis_of_each_listening_row(features_model
         FeatureBandMasking(None, bins, warp=1.0)
 
 
-def test_example_train_duplex_script_trains_and_saves(tmp_path):
+def test_example_train_duplex_script_trains_and_saves(tmp_path, monkeypatch):
+    import mini_omni2.training.duplex as duplex
+
     script = _train_duplex_script()
     out = tmp_path / "duplex"
+    batches = []
+    real = duplex.train_listener
+
+    def spy(*args, **kwargs):  # the step's clips: the batch size times the accumulated batches
+        batches.append((kwargs["batch_size"], kwargs["gradient_accumulation_steps"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(duplex, "train_listener", spy)
     summary = script.main(["--output-dir", str(out), "--train-clips", "4", "--max-steps", "2",
-                           "--per-device-train-batch-size", "2", "--warmup-steps", "0", "--tail-seconds", "1.0",
-                           "--val-clips", "8"])
+                           "--per-device-train-batch-size", "1", "--gradient-accumulation-steps", "2",
+                           "--warmup-steps", "0", "--tail-seconds", "1.0", "--val-clips", "8"])
+    assert batches == [(1, 2)]
     assert summary["steps"] == 2 and summary["examples"] == 4 and summary["listen_input"] == "features"
     assert (out / "train_summary.json").exists() and (out / "config.json").exists()
     # the rule chosen on the validation clips is the saved model's own, and what it scored there is reported
@@ -1376,8 +1387,9 @@ def test_example_train_duplex_script_trains_and_saves(tmp_path):
     assert (rule["threshold"], rule["min_frames"]) in LISTEN_RULE_GRID
     assert MiniOmni2Config.from_pretrained(out).listen_rule == rule
     assert {"detection", "false_per_10min"} <= set(summary["validation"])
-    with pytest.raises(SystemExit):
-        script.build_parser().parse_args(["--output-dir", "x", "--val-clips", "-1"])
+    for bad in (["--val-clips", "-1"], ["--gradient-accumulation-steps", "0"]):
+        with pytest.raises(SystemExit):
+            script.build_parser().parse_args(["--output-dir", "x", *bad])
     args = script.build_parser().parse_args(["--output-dir", "x", "--tail-seconds", "0",
                                              "--train-kinds", "hum,speech", "--mixture-fraction", "0.5",
                                              "--positive-fraction", "0.7", "--near-miss-fraction", "0.1",
