@@ -1117,24 +1117,21 @@ def test_a_small_trained_model_detects_the_command_on_held_out_clips(adapter, tm
     assert result["median_delay_ms"] < 500
 
 
-def _load_script(folder: str, name: str):
-    """A script of the tree (``benchmarks/``, ``examples/``) loaded as a module."""
+def _bench_duplex():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parent.parent / folder / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"mini_omni2_{folder}_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _bench_duplex():
-    return _load_script("benchmarks", "bench_duplex")
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_duplex.py"
+    spec = importlib.util.spec_from_file_location("bench_duplex", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
 
 
 def _train_duplex_script():
-    return _load_script("examples", "train_duplex")
+    from test_training import load_example  # the example scripts' loader
+
+    return load_example("train_duplex")
 
 
 def test_the_cost_benchmark_runs_at_tiny_sizes(features_model, codec_model, gru_model):
