@@ -1183,10 +1183,11 @@ class ListenRule:
         return None
 
 
-def check_catch_up_frames(catch_up_frames: int) -> None:
-    """A listening row reads at least one frame a step (``ListenGroup(catch_up_frames=)``)."""
+def check_catch_up_frames(catch_up_frames: int, name: str = "catch_up_frames") -> None:
+    """A listening row reads at least one frame a step (``ListenGroup(catch_up_frames=)``; ``name``: what the
+    caller calls it, e.g. a command-line option)."""
     if isinstance(catch_up_frames, bool) or not isinstance(catch_up_frames, int) or catch_up_frames < 1:
-        raise ValueError(f"catch_up_frames must be an int >= 1, got {catch_up_frames!r}")
+        raise ValueError(f"{name} must be an int >= 1, got {catch_up_frames!r}")
 
 
 def check_listen_window(window_frames: int | None, refeed_frames: int) -> None:

@@ -7,13 +7,15 @@ answer is spoken: the answer stops there, ``response.done`` reports ``cancelled`
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import openai
 import pytest
 
 from duplex_helpers import ScriptedListener
 from mini_omni2.cli import main as cli_main
-from mini_omni2.engine_mini_omni2 import ListenRule
+from mini_omni2.engine_mini_omni2 import LISTEN_CATCH_UP_FRAMES, ListenRule
 from mini_omni2.serving.app import create_app
 from mini_omni2.serving.background import BackgroundServer
 from mini_omni2.tiny import tiny_model
@@ -67,7 +69,8 @@ def test_the_stop_command_interrupts_a_spoken_answer(client, server, scripted):
     _, script = scripted
     with client.realtime.connect(model=NAME) as connection:
         created = events_until(connection, "session.created")[-1]
-        assert created.session.model_dump()["duplex"] == {"type": "stop_command", "threshold": 0.5, "min_frames": 1}
+        assert created.session.model_dump()["duplex"] == {"type": "stop_command", "threshold": 0.5, "min_frames": 1,
+                                                          "catch_up_frames": LISTEN_CATCH_UP_FRAMES}
         connection.session.update(session=MANUAL)
         events_until(connection, "session.updated")
         script.frames, script.irq_call = 0, None
@@ -119,6 +122,45 @@ def test_serve_refuses_a_bad_duplex_rule(capsys):
     code = cli_main(["serve", "--model", "tiny-random", "--duplex", "--duplex-threshold", "1.5"])
     assert code == 2
     assert "threshold must be a number in (0, 1), got 1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("catch_up", [1, 3])
+def test_a_row_behind_the_microphone_reads_at_most_duplex_catch_up_frames_a_step(processor_no_vision, catch_up):
+    """`--duplex-catch-up-frames N` (create_app(duplex_catch_up_frames=N)): two seconds of audio appended at once
+    put the answer's listening row 23 frames behind; it reads up to N of them a step (1: one a step, never
+    catching up), and the session says N."""
+    model = tiny_model(vision=False, codec=True, seed=4)
+    script = ScriptedListener(model, irq_at=None, step_seconds=0.03, no_eoa=True)
+    app = create_app(model, processor_no_vision, NAME, codec_noise=False, default_max_tokens=300,
+                     duplex=ListenRule(0.5, 1), duplex_catch_up_frames=catch_up)
+    with BackgroundServer(app) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0,
+                               websocket_base_url=running.url.replace("http", "ws") + "/v1")
+        with client.realtime.connect(model=NAME) as connection:
+            created = events_until(connection, "session.created")[-1]
+            assert created.session.model_dump()["duplex"]["catch_up_frames"] == catch_up
+            connection.session.update(session=MANUAL)
+            events_until(connection, "session.updated")
+            ask(connection)
+            events_until(connection, "response.output_audio.delta")
+            connection.input_audio_buffer.append(audio=b64(NOISE))
+            deadline = time.monotonic() + 30
+            while script.frames < 12 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            connection.response.cancel()
+            events_until(connection, "response.done")
+    assert script.frames >= 12
+    widths = [call["width"] for call in script.calls if call["read"]]
+    assert max(widths) == catch_up
+
+
+def test_serve_refuses_a_bad_catch_up(capsys, processor_no_vision):
+    code = cli_main(["serve", "--model", "tiny-random", "--duplex", "--duplex-catch-up-frames", "0"])
+    assert code == 2
+    assert "--duplex-catch-up-frames must be an int >= 1, got 0" in capsys.readouterr().err
+    model = tiny_model(vision=False, codec=True, seed=4)
+    with pytest.raises(ValueError, match="duplex_catch_up_frames must be an int >= 1, got 2.5"):
+        create_app(model, processor_no_vision, NAME, duplex=True, duplex_catch_up_frames=2.5)
 
 
 def test_a_server_without_duplex_says_nothing_of_it(processor_no_vision):

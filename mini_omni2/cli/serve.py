@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..engine_mini_omni2 import LISTEN_CATCH_UP_FRAMES, check_catch_up_frames
 from .loading import TINY_RANDOM, TINY_RANDOM_MAX_NEW_TOKENS, ModelLoadError, describe, load, warn_tiny_random
 
 
@@ -45,6 +46,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--duplex-min-frames", type=int,
                         help="consecutive frames (85 ms each) at the threshold before it commits "
                              "(default: the model's listen_rule, else 1)")
+    parser.add_argument("--duplex-catch-up-frames", type=int, default=LISTEN_CATCH_UP_FRAMES,
+                        help="microphone frames the listening row reads in one decoding step at most when decoding "
+                             f"falls behind real time (default {LISTEN_CATCH_UP_FRAMES}; 1: never catch up)")
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return parser
 
@@ -67,6 +71,7 @@ def build_app(args: argparse.Namespace):
     from ..serving.app import create_app
 
     duplex_rule(args, None)  # a bad --duplex-* value is refused before the model loads
+    check_catch_up_frames(args.duplex_catch_up_frames, "--duplex-catch-up-frames")
     random_weights = args.model == TINY_RANDOM
     if random_weights:
         warn_tiny_random(" (use it to try the server, not the model)")
@@ -83,6 +88,7 @@ def build_app(args: argparse.Namespace):
         max_batch_rows=args.max_batch_rows, max_queue=args.max_queue, codec_noise=not args.no_codec_noise,
         default_max_tokens=max_tokens, max_history_positions=args.max_history, random_weights=random_weights,
         shutdown_timeout=args.shutdown_timeout, duplex=duplex,
+        duplex_catch_up_frames=args.duplex_catch_up_frames,
     )
 
 

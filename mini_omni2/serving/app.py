@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine_mini_omni2 import ListenRule
+from ..engine_mini_omni2 import LISTEN_CATCH_UP_FRAMES, ListenRule, check_catch_up_frames
 from .errors import APIError, invalid
 from .worker import EngineWorker
 
@@ -45,6 +45,7 @@ class ServerState:
     random_weights: bool = False
     shutdown_timeout: float = 30.0
     duplex: Any = None  # a ListenRule: realtime spoken answers listen for "stop omni" (docs/duplex.md)
+    duplex_catch_up_frames: int = LISTEN_CATCH_UP_FRAMES  # frames a listening row reads a step at most
     started: int = field(default_factory=lambda: int(time.time()))
     _audio: OrderedDict = field(default_factory=OrderedDict)
     _vad_model: Any = None
@@ -123,6 +124,7 @@ def create_app(
     shutdown_timeout: float = 30.0,
     stream_stride: int = 4,
     duplex: Any = None,
+    duplex_catch_up_frames: int = LISTEN_CATCH_UP_FRAMES,
 ) -> FastAPI:
     """The server application for a loaded ``model`` (eval mode, on its device) and its ``processor``.
 
@@ -143,11 +145,14 @@ def create_app(
             ``ListenRule.for_config``: its ``listen_rule``, else the argmax): spoken
             answers of the realtime endpoint get a listening row that stops them when the user says "stop omni"
             (the model's listening row must be trained for it, docs/duplex.md). Off by default.
+        duplex_catch_up_frames: the most microphone frames a listening row reads in one decoding step when
+            decoding falls behind real time (``DuplexSession(catch_up_frames=)``; 1: never catch up).
     """
     if duplex is True:
         duplex = ListenRule.for_config(model.config)
     if duplex is not None and not isinstance(duplex, ListenRule):
         raise TypeError(f"duplex must be a ListenRule, True or None, got {type(duplex).__name__}")
+    check_catch_up_frames(duplex_catch_up_frames, "duplex_catch_up_frames")
     if duplex is not None:
         model.listen_front_end()  # refuses a model whose listening row cannot hear (codec input without a codec)
     worker = EngineWorker(
@@ -167,6 +172,7 @@ def create_app(
         random_weights=random_weights,
         shutdown_timeout=shutdown_timeout,
         duplex=duplex or None,
+        duplex_catch_up_frames=duplex_catch_up_frames,
     )
 
     @contextlib.asynccontextmanager

@@ -228,7 +228,8 @@ class RealtimeSession:
         body = self._session()
         rule = self.state.duplex
         if rule is not None:
-            body["duplex"] = {"type": "stop_command", "threshold": rule.threshold, "min_frames": rule.min_frames}
+            body["duplex"] = {"type": "stop_command", "threshold": rule.threshold, "min_frames": rule.min_frames,
+                              "catch_up_frames": self.state.duplex_catch_up_frames}
         return body
 
     def _session(self) -> dict:
@@ -625,7 +626,8 @@ class RealtimeSession:
                     pass
 
             self.duplex = DuplexSession(self.state.model, engine=self.state.worker.engine, rule=self.state.duplex,
-                                        on_event=on_event)  # the worker's thread starts its answers
+                                        on_event=on_event,  # the worker's thread starts its answers
+                                        catch_up_frames=self.state.duplex_catch_up_frames)
         self.duplex.cancel()  # a previous answer may still be playing: its listening row ends
         self._duplex_response = response
         return self.duplex
