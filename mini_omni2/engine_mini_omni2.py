@@ -388,8 +388,9 @@ class EngineGroup:
     _ids = itertools.count()
     #: advance before the groups that do not (a listening row: its ``irq`` cancels its speaking rows in the same step)
     advance_first = False
-    #: its text scores come for every column it was fed (a listening row reads each frame), not the last one only
-    reads_columns = False
+    #: a listening row: its text scores are its two state logits alone (``TokenLayout.listen_states``), for every
+    #: column it was fed (it reads each frame), not the whole text vocabulary at the last column
+    reads_listen_state = False
 
     def __init__(self, num_slots: int) -> None:
         self.id = next(self._ids)
@@ -426,7 +427,7 @@ class EngineGroup:
 
     def advance(self, text_scores: torch.Tensor | None, audio_scores: torch.Tensor | None) -> None:
         """One step: ``text_scores`` (len(text_slots), text_vocab), ``audio_scores`` (len(audio_slots), 7, vocab).
-        A group with :attr:`reads_columns` gets ``text_scores`` (len(text_slots), its columns, text_vocab)."""
+        A group with :attr:`reads_listen_state` gets ``text_scores`` (len(text_slots), its columns, 2)."""
         raise NotImplementedError
 
     def next_ids(self) -> torch.Tensor:
@@ -927,36 +928,42 @@ class MiniOmni2Engine:
     def _forward(self, fn: Callable, blocks: list[tuple[EngineGroup, list[int]]], width: int = 1,
                  columns: list[int] | None = None, **kwargs) -> Scores:
         """One forward over the rows of ``blocks`` ((group, slots) in row order); the scores each group needs: at
-        the last of the ``width`` input columns, or (a group that :attr:`~EngineGroup.reads_columns`) at each of
-        the row's last ``columns[row]`` columns."""
-        text_rows, audio_rows, text_keys, audio_keys, text_columns = [], [], [], [], []
+        the last of the ``width`` input columns, or (a group that :attr:`~EngineGroup.reads_listen_state`) its two
+        state logits at each of the row's last ``columns[row]`` columns."""
+        text_rows, audio_rows, listen_rows, text_keys, audio_keys, listen_keys = [], [], [], [], [], []
         offset = 0
         for group, slots in blocks:
             row = {slot: offset + k for k, slot in enumerate(slots)}
             for slot in group.text_slots():
-                if slot in row:
+                if slot in row and group.reads_listen_state:
+                    listen_rows.append(row[slot])
+                    listen_keys.append((group.id, slot, columns[row[slot]] if columns is not None else 1))
+                elif slot in row:
                     text_rows.append(row[slot])
                     text_keys.append((group.id, slot))
-                    text_columns.append(columns[row[slot]] if group.reads_columns and columns is not None else 0)
             for slot in group.audio_slots():
                 if slot in row:
                     audio_rows.append(row[slot])
                     audio_keys.append((group.id, slot))
             offset += len(slots)
         device = kwargs.get("position_ids").device
-        if self.slice_head:
-            kwargs["text_logits_rows"] = torch.tensor(text_rows, dtype=torch.long, device=device)
-            kwargs["audio_logits_rows"] = torch.tensor(audio_rows, dtype=torch.long, device=device)
-        out = fn(use_cache=True, logits_to_keep=width, **kwargs)
-        if getattr(out, "logits", None) is None:  # the sliced head: rows come in text_rows / audio_rows order
-            text, audio = out.text_logits, out.audio_logits[:, :, -1]
+        if self.slice_head:  # the last column of the answers' rows; every column of a listening row's two states
+            for name, rows in (("text", text_rows), ("audio", audio_rows), ("listen", listen_rows)):
+                kwargs[f"{name}_logits_rows"] = torch.tensor(rows, dtype=torch.long, device=device)
+            out = fn(use_cache=True, logits_to_keep=1, **kwargs)
+        else:
+            out = fn(use_cache=True, logits_to_keep=width, **kwargs)
+        if getattr(out, "logits", None) is None:  # the sliced head: rows come in text / audio / listen_rows order
+            text, audio, listen = out.text_logits, out.audio_logits[:, :, -1], out.listen_logits
         else:  # the whole head for every row (slicing off, or a forward that does not slice)
             text = out.text_logits[torch.tensor(text_rows, dtype=torch.long)]
             audio = out.audio_logits[torch.tensor(audio_rows, dtype=torch.long), :, -1]
+            listen = out.text_logits[torch.tensor(listen_rows, dtype=torch.long)][..., list(self.layout.listen_states)]
         scores: Scores = {}
         for k, (gid, slot) in enumerate(text_keys):
-            wanted = text_columns[k]  # 0: the last column's scores alone
-            scores.setdefault(gid, ({}, {}))[0][slot] = text[k, -wanted:] if wanted else text[k, -1]
+            scores.setdefault(gid, ({}, {}))[0][slot] = text[k, -1]
+        for k, (gid, slot, wanted) in enumerate(listen_keys):
+            scores.setdefault(gid, ({}, {}))[0][slot] = listen[k, -wanted:]
         for k, (gid, slot) in enumerate(audio_keys):
             scores.setdefault(gid, ({}, {}))[1][slot] = audio[k]
         return scores
@@ -1234,7 +1241,7 @@ class ListenGroup(EngineGroup):
     """
 
     advance_first = True
-    reads_columns = True
+    reads_listen_state = True
 
     def __init__(
         self,
@@ -1384,7 +1391,7 @@ class ListenGroup(EngineGroup):
             self.recent.append(frame)
             self.fed += 1
             if reading:
-                probability = float(self.layout.listen_irq_probability(text_scores[0, column]))
+                probability = float(self.layout.irq_probability(text_scores[0, column]))
                 self.probabilities.append(probability)
                 self.heard += 1
                 self._run = self.rule.run_after(self._run, probability)

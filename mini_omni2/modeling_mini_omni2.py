@@ -111,6 +111,8 @@ class MiniOmni2CausalLMOutputWithPast(ModelOutput):
         logits: the full head output (batch, seq, total_vocab).
         text_logits: view of the text columns (batch, seq, text_vocab).
         audio_logits: view of the audio columns, one slice per layer (batch, 7, seq, audio_vocab).
+        listen_logits: (extension) the two listening-state logits (``TokenLayout.listen_states``) of the rows
+            ``listen_logits_rows``, at every input column (n, seq, 2), when those rows are given (the sliced head).
         cache: the KV cache (``past_key_values`` before transformers 5.24: :data:`CACHE_NAME`).
     """
 
@@ -119,6 +121,7 @@ class MiniOmni2CausalLMOutputWithPast(ModelOutput):
     logits: torch.FloatTensor | None = None
     text_logits: torch.FloatTensor | None = None
     audio_logits: torch.FloatTensor | None = None
+    listen_logits: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -694,6 +697,13 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         audio_logits = audio_logits.unflatten(-1, (layout.num_audio_layers, layout.audio_vocab_size)).transpose(1, 2)
         return text_logits, audio_logits
 
+    def listen_state_head(self, hidden: torch.Tensor, rows: torch.LongTensor) -> torch.Tensor:
+        """The head's two listening-state columns (``TokenLayout.listen_states``) for the rows ``rows`` of ``hidden``
+        (batch, seq, hidden), at every column: (n, seq, 2). A listening row reads only these (docs/duplex.md), so the
+        other 152,000 text columns of its every frame are never computed."""
+        states = torch.tensor(self.layout.listen_states, device=hidden.device)
+        return F.linear(hidden[rows.to(hidden.device)], self.lm_head.weight[states])
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
 
@@ -718,6 +728,7 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
         logits_to_keep: int = 0,
         text_logits_rows: torch.LongTensor | None = None,
         audio_logits_rows: torch.LongTensor | None = None,
+        listen_logits_rows: torch.LongTensor | None = None,
         listen_features: torch.Tensor | None = None,
         listen_feature_mask: torch.Tensor | None = None,
         listen_state: MiniOmni2ListenState | None = None,
@@ -739,6 +750,9 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
             of the rows `audio_logits_rows` are computed; `logits` is then `None`, `text_logits` has shape
             `(len(text_logits_rows), kept, text_vocab)` and `audio_logits` `(len(audio_logits_rows), 7, kept,
             audio_vocab)`, in the order of the indices.
+        listen_logits_rows (`torch.LongTensor` of shape `(n,)`): (extension) rows of the sliced head whose only
+            output is their two listening-state logits (`TokenLayout.listen_states`), at every input column (a
+            listening row catching up reads each frame it was fed, docs/duplex.md): `listen_logits` `(n, seq, 2)`.
         """
         kwargs.pop("num_items_in_batch", None)  # each stream's loss is a mean over its own targets (SPEC §9)
         outputs = self.model(
@@ -759,15 +773,21 @@ class MiniOmni2ForConditionalGeneration(MiniOmni2GenerationMixin, MiniOmni2PreTr
             **kwargs,
         )
         hidden = outputs.last_hidden_state
+        listen_logits = None
+        if listen_logits_rows is not None:
+            listen_logits = self.listen_state_head(hidden, listen_logits_rows)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        if text_logits_rows is not None or audio_logits_rows is not None:
+        if text_logits_rows is not None or audio_logits_rows is not None or listen_logits_rows is not None:
             if labels is not None:
-                raise ValueError("labels need the full head; do not pass text_logits_rows / audio_logits_rows")
+                raise ValueError(
+                    "labels need the full head; do not pass text_logits_rows / audio_logits_rows / listen_logits_rows"
+                )
             text_logits, audio_logits = self.sliced_head(hidden, text_logits_rows, audio_logits_rows)
             return MiniOmni2CausalLMOutputWithPast(
                 text_logits=text_logits,
                 audio_logits=audio_logits,
+                listen_logits=listen_logits,
                 **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
                 hidden_states=outputs.hidden_states,
                 attentions=outputs.attentions,

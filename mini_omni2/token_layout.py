@@ -373,10 +373,20 @@ class TokenLayout:
         streams = [row + [step[s] for step in steps] for s, row in enumerate(prompt.streams)]
         return PromptLayout(streams, listen_positions=positions)
 
+    @property
+    def listen_states(self) -> tuple[int, int]:
+        """The listening row's two states, ``(n_irq, irq)``: the only head columns its decision reads, in the order of
+        the state logits that :meth:`irq_probability` takes."""
+        return (self.n_irq, self.irq)
+
+    @staticmethod
+    def irq_probability(state_logits: torch.Tensor) -> torch.Tensor:
+        """P(``irq``) from the two state logits (..., 2) in :attr:`listen_states` order: (...,)."""
+        return state_logits.float().softmax(dim=-1)[..., 1]
+
     def listen_irq_probability(self, text_logits: torch.Tensor) -> torch.Tensor:
         """P(``irq``) from text logits (..., text_vocab), restricted to the two states: (...,)."""
-        pair = text_logits[..., [self.n_irq, self.irq]].float()
-        return pair.softmax(dim=-1)[..., 1]
+        return self.irq_probability(text_logits[..., list(self.listen_states)])
 
     def read_listen_state(self, text_logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
         """The listening row's state from its text logits: ``irq`` where P(irq | irq or n_irq) >= ``threshold``.

@@ -29,15 +29,16 @@ class ScriptedListener:
         out = self.forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if self.no_eoa and out.audio_logits is not None:
             out.audio_logits[:, -1, :, self.layout.eoa] = float("-inf")
-        if input_ids is None or kwargs.get("logits_to_keep") != input_ids.shape[-1]:
-            return out  # a prefill (embeddings): no state is read
+        if input_ids is None or "logits_to_keep" not in kwargs:
+            return out  # a prefill (embeddings) or a forward outside the engine: no state is read
         if self.step_seconds:
             time.sleep(self.step_seconds)
         layout = self.layout
         width = input_ids.shape[-1]  # > 1: a listening row catches up on several frames in this step
         fed = kwargs["attention_mask"][:, -width:].bool()  # the columns each row is fed (padding: 0)
         listening = (input_ids[:, layout.text_stream, -1] == layout.n_irq).nonzero().flatten().tolist()
-        rows = kwargs.get("text_logits_rows")
+        sliced = kwargs.get("listen_logits_rows") is not None  # the sliced head: listening rows get their 2 states
+        rows = kwargs["listen_logits_rows"] if sliced else kwargs.get("text_logits_rows")
         rows = list(range(input_ids.shape[0])) if rows is None else rows.tolist()
         pad = layout.layershift(layout.pad_a, 0)
         for r in listening:
@@ -53,7 +54,10 @@ class ScriptedListener:
                     state = layout.irq if self.frames == self.irq_at else layout.n_irq
                     if state == layout.irq:
                         self.irq_call = len(self.calls) - 1
-                    out.text_logits[k, c, [layout.irq, layout.n_irq]] = torch.tensor([-10.0, -10.0])
-                    out.text_logits[k, c, state] = 10.0
+                    logits = torch.tensor([10.0 if s == state else -10.0 for s in layout.listen_states])
+                    if sliced:
+                        out.listen_logits[k, c] = logits
+                    else:
+                        out.text_logits[k, c, list(layout.listen_states)] = logits
                     self.frames += 1
         return out

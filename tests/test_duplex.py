@@ -76,6 +76,8 @@ def test_the_state_is_read_from_the_two_state_logits_only():
     logits[2, IRQ], logits[2, N_IRQ] = 0.0, float(np.log(3.0))  # P(irq) = 1/4
     assert R.read_listen_state(logits).tolist() == [IRQ, N_IRQ, N_IRQ]
     assert torch.allclose(R.listen_irq_probability(logits)[2], torch.tensor(0.25))
+    assert R.listen_states == (N_IRQ, IRQ)
+    assert torch.allclose(R.irq_probability(logits[:, list(R.listen_states)]), R.listen_irq_probability(logits))
     assert R.read_listen_state(logits, threshold=0.2).tolist() == [IRQ, N_IRQ, IRQ]
     with pytest.raises(ValueError, match="threshold"):
         R.read_listen_state(logits, threshold=1.0)
@@ -718,6 +720,26 @@ def test_listener_window_restarts_with_the_last_frames(kind, catch_up, features_
     assert torch.allclose(windowed[:, 6:], _teacher_forced(model, frames[:, 4:])[:, 2:], atol=1e-5)
     with pytest.raises(ValueError, match="refeed_frames"):
         MiniOmni2Listener(features_model, window_frames=3, refeed_frames=3)
+
+
+def test_the_sliced_head_gives_a_listening_row_its_two_state_logits_at_every_column(codec_model):
+    """forward(listen_logits_rows=...) computes the head's (n_irq, irq) columns alone, at every input column (the
+    engine's listening rows read nothing else): the full head's logits at those two ids."""
+    layout = codec_model.config.token_layout
+    frames = torch.randint(0, codec_model.config.audio_codebook_size, (2, 5, 7))
+    ids = torch.stack([torch.tensor(layout.build_listen_row(frames=f).streams) for f in frames])
+    with torch.no_grad():
+        full = codec_model(input_ids=ids)
+        sliced = codec_model(input_ids=ids, logits_to_keep=1, text_logits_rows=torch.tensor([0]),
+                             listen_logits_rows=torch.tensor([1]))
+    assert sliced.logits is None and sliced.listen_logits.shape == (1, ids.shape[-1], 2)
+    assert torch.allclose(sliced.listen_logits[0], full.text_logits[1][:, list(layout.listen_states)], atol=1e-5)
+    assert torch.allclose(layout.irq_probability(sliced.listen_logits[0]), layout.listen_irq_probability(
+        full.text_logits[1]), atol=1e-6)
+    assert sliced.text_logits.shape == (1, 1, layout.text_vocab_size)  # the other rows: the kept column only
+    assert torch.allclose(sliced.text_logits[0, -1], full.text_logits[0, -1], atol=1e-5)
+    with pytest.raises(ValueError, match="labels need the full head"):
+        codec_model(input_ids=ids, labels=ids, listen_logits_rows=torch.tensor([0]))
 
 
 # ----- the synthetic data --------------------------------------------------------------------------------------------

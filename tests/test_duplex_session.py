@@ -176,6 +176,41 @@ def test_a_row_behind_the_microphone_catches_up_and_the_answer_does_not_change(c
     assert torch.equal(answers[1].audio_frames[0], answers[4].audio_frames[0])
 
 
+def test_a_catching_up_step_computes_only_what_each_row_reads(codec_model, processor_no_vision):
+    """The sliced head of a step four frames wide: the answer's rows get their text or audio columns at the last
+    column only, and the listening row its two state logits (n_irq, irq) at each of its four frames; never the
+    152,000-wide text vocabulary a frame."""
+    outputs = []
+    forward = codec_model.forward
+
+    def spy(**kwargs):
+        out = forward(**kwargs)
+        outputs.append((kwargs, out))
+        return out
+
+    codec_model.forward = spy
+    try:
+        session = DuplexSession(codec_model, processor_no_vision, settings=settings(12))
+        session.respond(speech_inputs(processor_no_vision))
+        session.step()  # the prefill of the answer and its row
+        session.feed(mic(1), 24000)  # 8 frames at once
+        outputs.clear()
+        session.step()
+    finally:
+        codec_model.forward = forward
+    (kwargs, out), = outputs
+    layout = codec_model.config.token_layout
+    assert kwargs["input_ids"].shape[-1] == 4 and kwargs["logits_to_keep"] == 1
+    assert kwargs["listen_logits_rows"].tolist() == [0]  # the listening row, then the answer's two rows
+    assert kwargs["audio_logits_rows"].tolist() == [1] and kwargs["text_logits_rows"].tolist() == [2]
+    assert out.text_logits.shape == (1, 1, layout.text_vocab_size)
+    assert out.audio_logits.shape == (1, 7, 1, layout.audio_vocab_size)
+    assert out.listen_logits.shape == (1, 4, 2)
+    listen = session.listen_group
+    expected = layout.irq_probability(out.listen_logits[0])
+    assert listen.probabilities == pytest.approx(expected.tolist())
+
+
 def test_an_irq_inside_a_catching_up_step_cuts_the_answer_in_that_step(codec_model, processor_no_vision):
     """The frames of a step are read in order: the first that commits interrupts, and those after it are not read."""
     script = ScriptedListener(codec_model, irq_at=5)
