@@ -127,7 +127,7 @@ def test_serve_refuses_a_bad_duplex_rule(capsys):
 @pytest.mark.parametrize("catch_up", [1, 3])
 def test_a_row_behind_the_microphone_reads_at_most_duplex_catch_up_frames_a_step(processor_no_vision, catch_up):
     """`--duplex-catch-up-frames N` (create_app(duplex_catch_up_frames=N)): two seconds of audio appended at once
-    put the answer's listening row 23 frames behind; it reads up to N of them a step (1: one a step, never
+    put the answer's listening row about 20 frames behind; it reads up to N of them a step (1: one a step, never
     catching up), and the session says N."""
     model = tiny_model(vision=False, codec=True, seed=4)
     script = ScriptedListener(model, irq_at=None, step_seconds=0.03, no_eoa=True)
