@@ -1140,18 +1140,13 @@ def test_a_small_trained_model_detects_the_command_on_held_out_clips(adapter, tm
 
 
 def _bench_duplex():
-    import importlib.util
-    from pathlib import Path
+    from test_training import load_script  # the scripts' loader
 
-    path = Path(__file__).parent.parent / "benchmarks" / "bench_duplex.py"
-    spec = importlib.util.spec_from_file_location("bench_duplex", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("benchmarks", "bench_duplex")
 
 
 def _train_duplex_script():
-    from test_training import load_example  # the example scripts' loader
+    from test_training import load_example
 
     return load_example("train_duplex")
 

@@ -32,7 +32,8 @@ from mini_omni2.training import (
 from conftest import color_image, sine
 
 
-EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES_DIR = os.path.join(REPO_DIR, "examples")
 
 # A smaller Whisper than tiny_config's: 1 s windows (100 log-mel frames, 50 encoder frames) keep training fast.
 SMALL_AUDIO = dict(
@@ -501,13 +502,20 @@ def test_training_arguments_and_gradient_accumulation(small_processor, tmp_path)
 
 
 # ----- the example scripts ----------------------------------------------------------------------------------------------
-def load_example(name: str):
-    if EXAMPLES_DIR not in sys.path:
-        sys.path.insert(0, EXAMPLES_DIR)
-    spec = importlib.util.spec_from_file_location(f"mini_omni2_example_{name}", os.path.join(EXAMPLES_DIR, f"{name}.py"))
+def load_script(folder: str, name: str):
+    """A script of the tree (``examples/``, ``benchmarks/``) loaded as a module, its folder on sys.path for the
+    scripts' imports of their siblings."""
+    directory = os.path.join(REPO_DIR, folder)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    spec = importlib.util.spec_from_file_location(f"mini_omni2_{folder}_{name}", os.path.join(directory, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_example(name: str):
+    return load_script("examples", name)
 
 
 def test_example_train_script(tmp_path):
